@@ -1,0 +1,124 @@
+"""The ``pefttune`` command: ``fit|validate|test|predict`` (LightningCLI), ``inspect`` and ``sweep``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from pefttune.data.datamodule import ImageTextDataModule
+from pefttune.module import DualEncoderModule
+from pefttune.towers.base import architecture_only
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class PefttuneCLI(LightningCLI):
+    """LightningCLI with pefttune's default callbacks (best and last checkpoints, learning-rate monitor)."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """Default callbacks; configs may replace them."""
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/rsum",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "best-{epoch}-{step}",
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+
+
+def main(args: Sequence[str] | None = None) -> Any:
+    """Entry point of the ``pefttune`` console script (also callable from Python and tests)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "inspect":
+        return inspect_main(argv[1:])
+    if argv and argv[0] == "sweep":
+        from pefttune.benchmark.sweep import sweep_main
+
+        return sweep_main(argv[1:])
+    return PefttuneCLI(
+        DualEncoderModule,
+        ImageTextDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
+    )
+
+
+def _has_omegaconf() -> bool:
+    try:
+        import omegaconf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_model_from_config(config_path: str, overrides: Sequence[str] = ()) -> DualEncoderModule:
+    """Instantiate only the ``model`` section of a fit config (no trainer, no data)."""
+    from jsonargparse import ArgumentParser
+
+    with open(config_path, encoding="utf-8") as handle:
+        config = yaml.safe_load(handle) or {}
+    if "model" not in config:
+        raise KeyError(f"{config_path}: no 'model' section (expected model: {{class_path, init_args}})")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(DualEncoderModule, "model", required=True)
+    parsed = parser.parse_args(["--model", json.dumps(config["model"]), *overrides])
+    return parser.instantiate_classes(parsed).model
+
+
+def inspect_main(argv: Sequence[str]) -> dict[str, Any]:
+    """``pefttune inspect --config FILE [--no-weights] [--json]``: build the model and count parameters."""
+    parser = argparse.ArgumentParser(prog="pefttune inspect", description=inspect_main.__doc__)
+    parser.add_argument("--config", "-c", required=True, help="a fit config (YAML)")
+    parser.add_argument("--no-weights", action="store_true", help="build every tower from its architecture")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    options, overrides = parser.parse_known_args(argv)
+    if options.no_weights:
+        with architecture_only():
+            model = build_model_from_config(options.config, overrides)
+    else:
+        model = build_model_from_config(options.config, overrides)
+    report = model.parameter_report()
+    report["config"] = options.config
+    report["weights"] = not options.no_weights
+    if options.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A human-readable parameter table."""
+    lines = [
+        f"config:      {report['config']}",
+        f"strategy:    {report['strategy']}",
+        f"total:       {report['total_params']:>14,}",
+        f"trainable:   {report['trainable_params']:>14,}  ({100 * report['trainable_fraction']:.3f}%)",
+        "by group:",
+    ]
+    lines += [f"  {group:<12}{count:>14,}" for group, count in report["trainable_by_group"].items()]
+    lines.append("by tower (trainable / total):")
+    for tower, count in report["trainable_by_tower"].items():
+        total = report["total_by_tower"].get(tower)
+        lines.append(f"  {tower:<12}{count:>14,}" + (f" / {total:,}" if total is not None else ""))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

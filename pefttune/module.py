@@ -1,0 +1,309 @@
+"""The LightningModule: two towers, an adaptation strategy, a contrastive loss and retrieval metrics."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from pefttune.data.preprocessing import Preprocessing
+from pefttune.losses import ContrastiveLoss
+from pefttune.metrics import RetrievalMetrics
+from pefttune.optim import Constant, WarmupCosine
+from pefttune.strategies.base import PARAMETER_GROUPS, AdaptationStrategy
+from pefttune.strategies.full import FullFineTune
+from pefttune.towers.base import ImageTower, TextTower
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class DualEncoderModule(LightningModule):
+    """An image-text dual encoder adapted by a strategy and trained contrastively.
+
+    ``__init__`` stores the hyperparameters and calls the ``configure_*`` hooks in order (towers, strategy,
+    temperature, loss, metrics); subclasses override a hook rather than ``__init__``.
+
+    Args:
+        image_tower: the image encoder (any :class:`~pefttune.towers.ImageTower`).
+        text_tower: the text encoder (any :class:`~pefttune.towers.TextTower`).
+        strategy: the adaptation method; full fine-tuning when omitted.
+        loss: the contrastive loss; the strategy's default when omitted.
+        optimizer: an optimizer factory called with the strategy's parameter groups.
+        lr_schedule: a per-step schedule over the run (``WarmupCosine`` by default).
+        retrieval_top_k: the K of R@K.
+        eval_chunk_size: rows of the similarity matrix ranked at a time during evaluation.
+        nonfinite_loss: ``raise`` stops with an error naming the step and the last checkpoint; ``skip``
+            skips the step (on every rank together) and counts it.
+        cache_locked_image_features: reuse a locked image tower's features across epochs when the training
+            transform is deterministic (identical results, far fewer forward passes).
+    """
+
+    def __init__(
+        self,
+        image_tower: ImageTower,
+        text_tower: TextTower,
+        strategy: AdaptationStrategy | None = None,
+        loss: ContrastiveLoss | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_schedule: WarmupCosine | Constant | None = None,
+        retrieval_top_k: Sequence[int] = (1, 5, 10),
+        eval_chunk_size: int = 1024,
+        nonfinite_loss: Literal["raise", "skip"] = "raise",
+        cache_locked_image_features: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["image_tower", "text_tower", "strategy", "loss", "optimizer"])
+        self.optimizer_factory = optimizer
+        self.lr_schedule = lr_schedule if lr_schedule is not None else WarmupCosine()
+        self.nonfinite_loss = nonfinite_loss
+        self.cache_locked_image_features = cache_locked_image_features
+        self.skipped_steps = 0
+        self._image_feature_cache: dict[int, torch.Tensor] = {}
+        self.configure_towers(image_tower, text_tower)
+        self.configure_strategy(strategy or FullFineTune())
+        self.configure_losses(loss)
+        self.configure_temperature()
+        self.configure_metrics(tuple(retrieval_top_k), eval_chunk_size)
+
+    # -- configure hooks ---------------------------------------------------------------------------
+    def configure_towers(self, image_tower: ImageTower, text_tower: TextTower) -> None:
+        """Attach the towers and check that their embeddings meet in one space."""
+        if not isinstance(image_tower, ImageTower):
+            raise TypeError(f"image_tower must be an ImageTower, got {type(image_tower).__name__}")
+        if not isinstance(text_tower, TextTower):
+            raise TypeError(f"text_tower must be a TextTower, got {type(text_tower).__name__}")
+        if image_tower.embed_dim != text_tower.embed_dim:
+            raise ValueError(
+                f"the towers' embedding widths differ: image {image_tower.embed_dim} "
+                f"({type(image_tower).__name__}), text {text_tower.embed_dim} ({type(text_tower).__name__}); "
+                "set their embed_dim to the same value"
+            )
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+
+    def configure_strategy(self, strategy: AdaptationStrategy) -> None:
+        """Let the strategy adapt the towers (once)."""
+        self.strategy = strategy
+        strategy.apply(self.image_tower, self.text_tower)
+
+    def configure_temperature(self) -> None:
+        """Create the logit scale (stored as its log, like CLIP) following the strategy's policy."""
+        policy = self.strategy.temperature
+        pretrained = self.image_tower.pretrained_logit_scale or self.text_tower.pretrained_logit_scale
+        # A loss with its own recommended start (SigLIP: 10) wins over a checkpoint's CLIP scale.
+        loss_scale = getattr(self.loss, "init_scale", None)
+        scale = policy.initial_scale(loss_scale if loss_scale is not None else pretrained)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(scale)), requires_grad=policy.learnable)
+
+    def configure_losses(self, loss: ContrastiveLoss | None) -> None:
+        """The loss (the strategy's default if none is given) and, for SigLIP, a learnable bias."""
+        self.loss = loss if loss is not None else self.strategy.default_loss()
+        self.logit_bias: nn.Parameter | None = None
+        if getattr(self.loss, "needs_bias", False):
+            self.logit_bias = nn.Parameter(torch.tensor(float(self.loss.init_bias)))
+
+    def configure_metrics(self, top_k: tuple[int, ...], chunk_size: int) -> None:
+        """Retrieval metrics for validation and test."""
+        self.val_retrieval = RetrievalMetrics(top_k=top_k, chunk_size=chunk_size)
+        self.test_retrieval = RetrievalMetrics(top_k=top_k, chunk_size=chunk_size)
+
+    # -- preprocessing -----------------------------------------------------------------------------
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The towers' image transforms and tokenizer, for the data module."""
+        return Preprocessing(
+            train_transform=self.image_tower.image_transform(train=True),
+            eval_transform=self.image_tower.image_transform(train=False),
+            tokenize=self.text_tower.tokenize,
+            train_transform_is_deterministic=self.image_tower.train_transform_is_deterministic,
+        )
+
+    def setup(self, stage: str) -> None:
+        """Hand the towers' preprocessing to the data module before its dataloaders are built."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "attach_preprocessing"):
+            datamodule.attach_preprocessing(self.preprocessing)
+
+    # -- encoding ----------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings [B, D]."""
+        return F.normalize(self.image_tower(pixel_values), dim=-1)
+
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text embeddings [T, D]."""
+        return F.normalize(self.text_tower(input_ids, attention_mask), dim=-1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised image and text embeddings of a batch (training layout or evaluation layout)."""
+        return self.encode_images(batch["pixel_values"]), self.encode_texts(
+            batch["input_ids"], batch["attention_mask"]
+        )
+
+    def _training_image_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not self._can_cache_image_features():
+            return self.encode_images(batch["pixel_values"])
+        ids = batch["image_ids"].tolist()
+        missing = [i for i, image_id in enumerate(ids) if image_id not in self._image_feature_cache]
+        if missing:
+            index = torch.tensor(missing, device=batch["pixel_values"].device)
+            fresh = self.encode_images(batch["pixel_values"].index_select(0, index))
+            for row, i in enumerate(missing):
+                self._image_feature_cache[ids[i]] = fresh[row].detach()
+        return torch.stack([self._image_feature_cache[image_id] for image_id in ids])
+
+    def _can_cache_image_features(self) -> bool:
+        return (
+            self.cache_locked_image_features
+            and self.image_tower.locked
+            and self.image_tower.train_transform_is_deterministic
+        )
+
+    @property
+    def logit_scale_value(self) -> torch.Tensor:
+        """The logit scale (1 / temperature)."""
+        return self.logit_scale.exp()
+
+    # -- training ----------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Give the strategy its chance to look at the data (APEX's text bank)."""
+        self.strategy.on_fit_start(self, self.trainer)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        """One contrastive step over the (global) batch."""
+        image_embeds = self._training_image_embeddings(batch)
+        text_embeds = self.encode_texts(batch["input_ids"], batch["attention_mask"])
+        loss = self.loss(
+            image_embeds,
+            text_embeds,
+            self.logit_scale_value,
+            self.logit_bias,
+            image_ids=batch.get("image_ids"),
+            text_ids=batch.get("text_ids"),
+        )
+        if not self._loss_is_finite(loss):
+            return self._handle_nonfinite_loss(loss)
+        batch_size = image_embeds.shape[0]
+        # Each rank holds its share of the global loss; their mean is the global loss.
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log("train/logit_scale", self.logit_scale_value.detach(), batch_size=batch_size)
+        return loss
+
+    def _loss_is_finite(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).to(torch.float32)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Every rank must take the same decision, or DDP's gradient all-reduce would hang.
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        return bool(finite.item() > 0)
+
+    def _handle_nonfinite_loss(self, loss: torch.Tensor) -> None:
+        step = self.global_step
+        if self.nonfinite_loss == "skip":
+            self.skipped_steps += 1
+            log.warning("non-finite training loss (%s) at step %d: step skipped", loss.item(), step)
+            self.log("train/skipped_steps", float(self.skipped_steps))
+            return None
+        callback = getattr(self.trainer, "checkpoint_callback", None)
+        last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        raise NonFiniteLossError(
+            f"training loss is {loss.item()} at global step {step} (epoch {self.current_epoch}); "
+            f"last good checkpoint: {last or 'none saved yet'}. Lower the learning rate, check the data, "
+            "or set model.nonfinite_loss=skip to skip such steps"
+        )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Clamp a learnable logit scale (CLIP clamps at 100 after every step)."""
+        max_scale = self.strategy.temperature.max_scale
+        if self.logit_scale.requires_grad and max_scale is not None:
+            with torch.no_grad():
+                self.logit_scale.clamp_(max=math.log(max_scale))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The optimizer over the strategy's parameter groups, and a per-step schedule."""
+        groups = self.strategy.parameter_groups(self)
+        groups = [{k: v for k, v in group.items() if k != "param_names"} for group in groups]
+        optimizer = self.optimizer_factory(groups)
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.lr_schedule.build(optimizer, total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def _evaluation_update(self, batch: dict[str, torch.Tensor], metric: RetrievalMetrics) -> None:
+        image_embeds, text_embeds = self.strategy.evaluation_embeddings(self, batch)
+        metric.update(
+            image_embeds.float(),
+            batch["image_ids"],
+            text_embeds.float(),
+            batch["caption_ids"],
+            batch["caption_image_ids"],
+        )
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Collect embeddings for retrieval."""
+        self._evaluation_update(batch, self.val_retrieval)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Collect embeddings for retrieval."""
+        self._evaluation_update(batch, self.test_retrieval)
+
+    def on_validation_epoch_end(self) -> None:
+        """Rank and log retrieval metrics."""
+        self._log_retrieval("val", self.val_retrieval)
+
+    def on_test_epoch_end(self) -> None:
+        """Rank and log retrieval metrics."""
+        self._log_retrieval("test", self.test_retrieval)
+
+    def _log_retrieval(self, stage: str, metric: RetrievalMetrics) -> None:
+        results = metric.compute()
+        metric.reset()
+        self.log_dict({f"{stage}/{k}": float(v) for k, v in results.items()}, sync_dist=False)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Embeddings of an evaluation batch, with their ids."""
+        image_embeds, text_embeds = self.strategy.evaluation_embeddings(self, batch)
+        return {
+            "image_embeds": image_embeds.float().cpu(),
+            "image_ids": batch["image_ids"].cpu(),
+            "text_embeds": text_embeds.float().cpu(),
+            "caption_ids": batch["caption_ids"].cpu(),
+            "caption_image_ids": batch["caption_image_ids"].cpu(),
+        }
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def parameter_report(self) -> dict[str, Any]:
+        """Total and trainable parameters, per group and per tower."""
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        by_tower = {
+            "image": sum(p.numel() for p in self.image_tower.parameters() if p.requires_grad),
+            "text": sum(p.numel() for p in self.text_tower.parameters() if p.requires_grad),
+            "other": sum(
+                p.numel()
+                for n, p in self.named_parameters()
+                if p.requires_grad and not n.startswith(("image_tower.", "text_tower."))
+            ),
+        }
+        return {
+            "strategy": type(self.strategy).__name__,
+            "total_params": total,
+            "trainable_params": trainable,
+            "trainable_fraction": trainable / max(total, 1),
+            "trainable_by_group": self.strategy.trainable_by_group(self),
+            "trainable_by_tower": by_tower,
+            "total_by_tower": {
+                "image": sum(p.numel() for p in self.image_tower.parameters()),
+                "text": sum(p.numel() for p in self.text_tower.parameters()),
+            },
+            "groups": list(PARAMETER_GROUPS),
+        }

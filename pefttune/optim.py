@@ -1,0 +1,54 @@
+"""Learning-rate schedules that need the run's total number of steps."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+@dataclass
+class WarmupCosine:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` times the base learning rate.
+
+    Attributes:
+        warmup: warm-up length, as a fraction of all steps (< 1) or a number of steps (>= 1).
+        min_warmup_steps: at least this many warm-up steps (LiT: max(3%, 100)); capped at the total.
+        min_lr_ratio: final learning rate / base learning rate (CLIP-LoRA: 1e-6 / 2e-4).
+        warmup_start_ratio: learning rate at step 0 / base learning rate.
+    """
+
+    warmup: float = 0.1
+    min_warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    warmup_start_ratio: float = 0.0
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """Number of warm-up steps for a run of ``total_steps``."""
+        steps = int(self.warmup * total_steps) if self.warmup < 1 else int(self.warmup)
+        return min(max(steps, self.min_warmup_steps), max(total_steps - 1, 0))
+
+    def factor(self, step: int, total_steps: int) -> float:
+        """Learning-rate multiplier at ``step``."""
+        warmup = self.warmup_steps(total_steps)
+        if step < warmup:
+            return self.warmup_start_ratio + (1 - self.warmup_start_ratio) * step / max(warmup, 1)
+        progress = min(1.0, (step - warmup) / max(total_steps - warmup, 1))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def build(self, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
+        """A per-step scheduler for ``optimizer``."""
+        if total_steps <= 0:
+            raise ValueError(f"WarmupCosine needs a positive number of steps, got {total_steps}")
+        return LambdaLR(optimizer, lambda step: self.factor(step, total_steps))
+
+
+@dataclass
+class Constant:
+    """No schedule: the optimizer's learning rate throughout."""
+
+    def build(self, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
+        """A scheduler that keeps the learning rate."""
+        return LambdaLR(optimizer, lambda step: 1.0)

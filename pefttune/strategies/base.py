@@ -1,0 +1,240 @@
+"""The base class of every adaptation method."""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from pefttune.towers.base import ImageTower, TextTower, Tower
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+    from pefttune.losses import ContrastiveLoss
+    from pefttune.module import DualEncoderModule
+
+PARAMETER_GROUPS = ("method", "backbone", "head", "temperature")
+TEMPERATURE_NAMES = ("logit_scale", "logit_bias")
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
+
+
+@dataclass
+class TemperaturePolicy:
+    """How the logit scale (1 / temperature) behaves.
+
+    Attributes:
+        init: initial scale; ``None`` takes the towers' pretrained scale (CLIP checkpoints), else 1/0.07.
+        learnable: whether the scale trains (as ``log`` scale, like CLIP).
+        max_scale: clamp of a learnable scale after every optimizer step (CLIP: 100); ``None``: no clamp.
+    """
+
+    init: float | None = None
+    learnable: bool = True
+    max_scale: float | None = 100.0
+
+    def initial_scale(self, pretrained_scale: float | None) -> float:
+        """The scale to start from."""
+        if self.init is not None:
+            return float(self.init)
+        return float(pretrained_scale) if pretrained_scale is not None else 1.0 / 0.07
+
+
+class AdaptationStrategy(nn.Module, abc.ABC):
+    """How a method changes the towers, which parameters train and how they are optimised.
+
+    A strategy acts once, when the model is built (:meth:`apply`). During training nothing asks which
+    strategy is running: the modules it inserted run inside the towers.
+
+    A subclass overrides:
+
+    * ``prefix`` (class attribute): a unique name prefix carried by every parameter and buffer the method
+      adds (``duet_``, ``cma_``, ``lora_``, ``apex_``). Adapter-only checkpoints filter by it.
+    * :meth:`adapt` (required): insert modules (see :mod:`pefttune.layers.hooks`), then set
+      ``requires_grad`` on what trains. Everything starts frozen.
+    * ``default_temperature`` (class attribute, a :class:`TemperaturePolicy`); users may override it with
+      the ``temperature`` argument.
+    * :meth:`default_loss` (optional): the method's loss when the config names none (InfoNCE by default).
+
+    And, rarely:
+
+    * :meth:`on_fit_start`: work that needs data or a trainer (APEX builds its text bank here).
+    * :meth:`evaluation_embeddings`: a different encoding at evaluation (APEX's ensemble).
+    * :meth:`merge` / :meth:`unmerge`: fold the method into the backbone weights (LoRA).
+
+    Args:
+        temperature: overrides the method's default temperature policy.
+        group_lr: absolute learning rates per parameter group (``method``, ``backbone``, ``head``,
+            ``temperature``); groups not named use the optimizer's learning rate.
+        no_decay_norms_and_biases: exclude biases, norm gains, scalars and the temperature from weight decay.
+    """
+
+    prefix: ClassVar[str] = ""
+    default_temperature: ClassVar[TemperaturePolicy] = TemperaturePolicy()
+
+    def __init__(
+        self,
+        temperature: TemperaturePolicy | None = None,
+        group_lr: dict[str, float] | None = None,
+        no_decay_norms_and_biases: bool = True,
+    ) -> None:
+        super().__init__()
+        self.temperature = temperature or TemperaturePolicy(**vars(self.default_temperature))
+        unknown = set(group_lr or {}) - set(PARAMETER_GROUPS)
+        if unknown:
+            raise ValueError(f"group_lr names unknown groups {sorted(unknown)}; expected {PARAMETER_GROUPS}")
+        self.group_lr = dict(group_lr or {})
+        self.no_decay_norms_and_biases = no_decay_norms_and_biases
+        self._applied = False
+
+    # -- what subclasses override ------------------------------------------------------------------
+    @abc.abstractmethod
+    def adapt(self, image_tower: ImageTower, text_tower: TextTower) -> None:
+        """Insert the method's modules into the towers and unfreeze what trains.
+
+        Called once by :meth:`apply`, with every tower parameter already frozen.
+        """
+
+    def default_loss(self) -> ContrastiveLoss:
+        """The loss this method trains with when the config names none: symmetric InfoNCE."""
+        from pefttune.losses import InfoNCELoss
+
+        return InfoNCELoss()
+
+    def on_fit_start(self, module: DualEncoderModule, trainer: Trainer) -> None:
+        """Called when fitting starts, with data available through ``trainer.datamodule``."""
+
+    def evaluation_embeddings(
+        self, module: DualEncoderModule, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised image and text embeddings of an evaluation batch (the plain towers by default)."""
+        return module.encode_images(batch["pixel_values"]), module.encode_texts(
+            batch["input_ids"], batch["attention_mask"]
+        )
+
+    def merge(self) -> None:
+        """Fold the method's weights into the backbone (only methods that can, such as LoRA)."""
+        raise TypeError(f"{type(self).__name__} cannot merge its weights into the backbone")
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`."""
+        raise TypeError(f"{type(self).__name__} cannot merge its weights into the backbone")
+
+    # -- shared behaviour --------------------------------------------------------------------------
+    def apply(self, image_tower: ImageTower, text_tower: TextTower) -> None:
+        """Freeze both towers, then let the method adapt them. Called once, when the model is built."""
+        if self._applied:
+            raise RuntimeError(f"{type(self).__name__} was already applied to a model")
+        if self.prefix and not self.prefix.endswith("_"):
+            raise ValueError(f"{type(self).__name__}.prefix must end with '_' (got {self.prefix!r})")
+        image_tower.requires_grad_(False)
+        text_tower.requires_grad_(False)
+        self.adapt(image_tower, text_tower)
+        self._applied = True
+
+    def group_of(self, name: str) -> str:
+        """The group of a parameter, from its name in the LightningModule."""
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in TEMPERATURE_NAMES:
+            return "temperature"
+        if self.prefix and any(part.startswith(self.prefix) for part in name.split(".")):
+            return "method"
+        if ".projection." in f".{name}":
+            return "head"
+        return "backbone"
+
+    def named_trainable(self, module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+        """Every parameter of ``module`` that requires grad."""
+        return ((n, p) for n, p in module.named_parameters() if p.requires_grad)
+
+    def parameter_groups(self, module: nn.Module) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: one per (group, decay) pair that has parameters.
+
+        Weight decay is switched off for biases, norm gains, other tensors with fewer than two dimensions
+        (gates, prompts' scalars) and the temperature; per-group learning rates come from ``group_lr``.
+        """
+        no_decay_ids = _no_decay_parameter_ids(module) if self.no_decay_norms_and_biases else set()
+        buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        names: dict[tuple[str, bool], list[str]] = {}
+        for name, parameter in self.named_trainable(module):
+            group = self.group_of(name)
+            decay = id(parameter) not in no_decay_ids and group != "temperature"
+            buckets.setdefault((group, decay), []).append(parameter)
+            names.setdefault((group, decay), []).append(name)
+        groups = []
+        for (group, decay), params in buckets.items():
+            entry: dict[str, Any] = {"params": params, "name": f"{group}{'' if decay else '/no_decay'}"}
+            entry["param_names"] = names[(group, decay)]
+            if not decay:
+                entry["weight_decay"] = 0.0
+            if group in self.group_lr:
+                entry["lr"] = self.group_lr[group]
+            groups.append(entry)
+        if not groups:
+            raise ValueError(f"{type(self).__name__} left no parameter to train")
+        return groups
+
+    def trainable_by_group(self, module: nn.Module) -> dict[str, int]:
+        """Trainable parameter counts in the four groups."""
+        counts = dict.fromkeys(PARAMETER_GROUPS, 0)
+        for name, parameter in self.named_trainable(module):
+            counts[self.group_of(name)] += parameter.numel()
+        return counts
+
+    def adapter_state_keys(self, module: nn.Module) -> list[str]:
+        """State-dict keys an adapter-only checkpoint keeps: trainable parameters and prefixed buffers."""
+        trainable = {n for n, _ in self.named_trainable(module)}
+        keys = []
+        for key in module.state_dict(keep_vars=True):
+            if (
+                key in trainable
+                or (self.prefix and any(p.startswith(self.prefix) for p in key.split(".")))
+                or key.startswith("strategy.")
+            ):
+                keys.append(key)
+        return keys
+
+
+def _no_decay_parameter_ids(module: nn.Module) -> set[int]:
+    ids: set[int] = set()
+    for submodule in module.modules():
+        if isinstance(submodule, _NORM_TYPES):
+            ids.update(id(p) for p in submodule.parameters(recurse=False))
+    for name, parameter in module.named_parameters():
+        if parameter.ndim < 2 or name.endswith("bias") or name.rsplit(".", 1)[-1] in TEMPERATURE_NAMES:
+            ids.add(id(parameter))
+    return ids
+
+
+# -- helpers strategies use to declare what trains --------------------------------------------------------
+def unfreeze_norms(tower: Tower) -> int:
+    """Make every normalisation layer's parameters in ``tower.model`` trainable; returns how many tensors."""
+    count = 0
+    for submodule in tower.model.modules():
+        if isinstance(submodule, _NORM_TYPES):
+            for parameter in submodule.parameters(recurse=False):
+                parameter.requires_grad_(True)
+                count += 1
+    return count
+
+
+def unfreeze_projection(tower: Tower) -> None:
+    """Make the tower's projection head trainable."""
+    tower.projection.requires_grad_(True)
+
+
+def reset_parameters(module: nn.Module) -> None:
+    """Re-initialise every layer that knows how (``reset_parameters``): training from scratch."""
+    for submodule in module.modules():
+        if submodule is not module and hasattr(submodule, "reset_parameters"):
+            submodule.reset_parameters()
+
+
+def log_scale(scale: float) -> float:
+    """``log(scale)``, the stored form of a learnable logit scale."""
+    return math.log(scale)

@@ -1,0 +1,40 @@
+"""Tiny towers and models that build offline in well under a second, for tests, notebooks and examples.
+
+Like Lightning's ``demos.boring_classes``: real tower classes on tiny architectures with random weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pefttune.towers import CLIPImageTower, CLIPTextTower, HFTextTower, ImageTower, TextTower, TimmImageTower
+
+
+def tiny_vit(embed_dim: int | None = 24, image_size: int = 32) -> TimmImageTower:
+    """Timm's ``test_vit`` (6 pre-LN blocks, width 64), random weights."""
+    return TimmImageTower("test_vit", pretrained=False, embed_dim=embed_dim, image_size=image_size)
+
+
+def tiny_cnn(embed_dim: int | None = 24, image_size: int = 32) -> TimmImageTower:
+    """Timm's ``test_efficientnet`` (a convolutional tower with feature-map blocks), random weights."""
+    return TimmImageTower("test_efficientnet", pretrained=False, embed_dim=embed_dim, image_size=image_size)
+
+
+def tiny_bert(embed_dim: int | None = 24, max_length: int = 16) -> HFTextTower:
+    """A 2-layer, 32-wide post-LN BERT with the packaged WordPiece tokenizer, random weights."""
+    return HFTextTower("pefttune/tiny-bert", pretrained=False, embed_dim=embed_dim, max_length=max_length)
+
+
+def tiny_clip(max_length: int = 16) -> tuple[CLIPImageTower, CLIPTextTower]:
+    """Both towers of a tiny random ``CLIPModel`` (2 blocks each, projection width 24, 32 px images)."""
+    return (
+        CLIPImageTower("pefttune/tiny-clip", pretrained=False),
+        CLIPTextTower("pefttune/tiny-clip", pretrained=False, max_length=max_length),
+    )
+
+
+TINY_TOWER_PAIRS: dict[str, Callable[[], tuple[ImageTower, TextTower]]] = {
+    "vit+bert": lambda: (tiny_vit(), tiny_bert()),
+    "cnn+bert": lambda: (tiny_cnn(), tiny_bert()),
+    "clip": tiny_clip,
+}
