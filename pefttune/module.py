@@ -238,8 +238,31 @@ class DualEncoderModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- evaluation --------------------------------------------------------------------------------
+    def evaluation_embeddings(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised image and text embeddings of an evaluation batch, as the strategy evaluates them."""
+        images = self.strategy.evaluation_image_embeddings(self, batch["pixel_values"])
+        texts = self.strategy.evaluation_text_embeddings(self, batch["input_ids"], batch["attention_mask"])
+        return images, texts
+
+    def _evaluation_texts(self, stage: str) -> list[str]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        getter = getattr(datamodule, "evaluation_texts", None)
+        return list(getter(stage)) if getter is not None else []
+
+    def on_validation_epoch_start(self) -> None:
+        """Let the strategy prepare for the texts it will encode."""
+        self.strategy.on_evaluation_start(self, self._evaluation_texts("validate"))
+
+    def on_test_epoch_start(self) -> None:
+        """Let the strategy prepare for the texts it will encode."""
+        self.strategy.on_evaluation_start(self, self._evaluation_texts("test"))
+
+    def on_predict_epoch_start(self) -> None:
+        """Let the strategy prepare for the texts it will encode."""
+        self.strategy.on_evaluation_start(self, self._evaluation_texts("predict"))
+
     def _evaluation_update(self, batch: dict[str, torch.Tensor], metric: RetrievalMetrics) -> None:
-        image_embeds, text_embeds = self.strategy.evaluation_embeddings(self, batch)
+        image_embeds, text_embeds = self.evaluation_embeddings(batch)
         metric.update(
             image_embeds.float(),
             batch["image_ids"],
@@ -271,7 +294,7 @@ class DualEncoderModule(LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Embeddings of an evaluation batch, with their ids."""
-        image_embeds, text_embeds = self.strategy.evaluation_embeddings(self, batch)
+        image_embeds, text_embeds = self.evaluation_embeddings(batch)
         return {
             "image_embeds": image_embeds.float().cpu(),
             "image_ids": batch["image_ids"].cpu(),

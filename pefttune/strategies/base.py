@@ -64,7 +64,8 @@ class AdaptationStrategy(nn.Module, abc.ABC):
     And, rarely:
 
     * :meth:`on_fit_start`: work that needs data or a trainer (APEX builds its text bank here).
-    * :meth:`evaluation_embeddings`: a different encoding at evaluation (APEX's ensemble).
+    * :meth:`on_evaluation_start`, :meth:`evaluation_image_embeddings`, :meth:`evaluation_text_embeddings`:
+      a different encoding at evaluation (APEX's ensemble).
     * :meth:`merge` / :meth:`unmerge`: fold the method into the backbone weights (LoRA).
 
     Args:
@@ -109,13 +110,25 @@ class AdaptationStrategy(nn.Module, abc.ABC):
     def on_fit_start(self, module: DualEncoderModule, trainer: Trainer) -> None:
         """Called when fitting starts, with data available through ``trainer.datamodule``."""
 
-    def evaluation_embeddings(
-        self, module: DualEncoderModule, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised image and text embeddings of an evaluation batch (the plain towers by default)."""
-        return module.encode_images(batch["pixel_values"]), module.encode_texts(
-            batch["input_ids"], batch["attention_mask"]
-        )
+    def on_evaluation_start(self, module: DualEncoderModule, texts: list[str]) -> None:
+        """Called before each evaluation epoch with every text it will encode.
+
+        ``texts`` are the captions of the evaluated split (retrieval) or the class prompts (zero-shot
+        classification). Methods whose evaluation depends on the whole set (APEX's image-side ensemble
+        weight, the mean over texts) prepare it here.
+        """
+
+    def evaluation_image_embeddings(
+        self, module: DualEncoderModule, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
+        """Normalised image embeddings at evaluation (the plain towers by default)."""
+        return module.encode_images(pixel_values)
+
+    def evaluation_text_embeddings(
+        self, module: DualEncoderModule, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Normalised text embeddings at evaluation (the plain towers by default)."""
+        return module.encode_texts(input_ids, attention_mask)
 
     def merge(self) -> None:
         """Fold the method's weights into the backbone (only methods that can, such as LoRA)."""

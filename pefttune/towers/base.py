@@ -184,6 +184,10 @@ class Tower(nn.Module, abc.ABC):
                 raise ValueError(f"{type(self).__name__}: found no residual blocks in the backbone")
         return self._blocks
 
+    def refresh_blocks(self) -> None:
+        """Forget the cached block descriptions (after a strategy replaced modules they point to)."""
+        self._blocks = None
+
     @property
     def embed_dim(self) -> int:
         """Width of the projected embedding."""
