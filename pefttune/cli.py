@@ -21,10 +21,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class PefttuneCLI(LightningCLI):
-    """LightningCLI with pefttune's default callbacks (best and last checkpoints, learning-rate monitor)."""
+    """LightningCLI with pefttune's defaults.
+
+    * Callbacks: the best (by ``val/rsum``) and last checkpoints, and a learning-rate monitor.
+    * ``fit`` ends with a test of the best checkpoint (``--test_after_fit false`` to skip), so one command
+      trains and prints test retrieval.
+    """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        """Default callbacks; configs may replace them."""
+        """Default callbacks (configs may replace them) and ``--test_after_fit``."""
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -37,34 +42,43 @@ class PefttuneCLI(LightningCLI):
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=True, help="after fit, test the best checkpoint"
+        )
+
+    def after_fit(self) -> None:
+        """Test the best checkpoint (or the final weights when none was saved)."""
+        if not self.config[self.subcommand].get("test_after_fit", True) or self.trainer.interrupted:
+            return
+        callback = self.trainer.checkpoint_callback
+        best = getattr(callback, "best_model_path", "") if callback is not None else ""
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
 
-def main(args: Sequence[str] | None = None) -> Any:
-    """Entry point of the ``pefttune`` console script (also callable from Python and tests)."""
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "inspect":
-        return inspect_main(argv[1:])
-    if argv and argv[0] == "sweep":
-        from pefttune.benchmark.sweep import sweep_main
-
-        return sweep_main(argv[1:])
+def cli_main(args: Sequence[str] | None = None, run: bool = True) -> PefttuneCLI:
+    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``) and return the CLI."""
     return PefttuneCLI(
         DualEncoderModule,
         ImageTextDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=argv,
+        args=None if args is None else list(args),
+        run=run,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
     )
 
 
-def _has_omegaconf() -> bool:
-    try:
-        import omegaconf  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``pefttune`` console script (also callable from Python and tests)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "inspect":
+        inspect_main(argv[1:])
+    elif argv and argv[0] == "sweep":
+        from pefttune.benchmark.sweep import sweep_main
+
+        sweep_main(argv[1:])
+    else:
+        cli_main(None if args is None else argv)
 
 
 def build_model_from_config(config_path: str, overrides: Sequence[str] = ()) -> DualEncoderModule:

@@ -115,8 +115,8 @@ class DualEncoderModule(LightningModule):
 
     def configure_metrics(self, top_k: tuple[int, ...], chunk_size: int) -> None:
         """Retrieval metrics for validation and test."""
-        self.val_retrieval = RetrievalMetrics(top_k=top_k, chunk_size=chunk_size)
-        self.test_retrieval = RetrievalMetrics(top_k=top_k, chunk_size=chunk_size)
+        self.val_retrieval = RetrievalMetrics(ks=top_k, chunk_size=chunk_size)
+        self.test_retrieval = RetrievalMetrics(ks=top_k, chunk_size=chunk_size)
 
     # -- preprocessing -----------------------------------------------------------------------------
     @property

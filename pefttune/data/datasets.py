@@ -1,0 +1,724 @@
+"""Datasets over records, image loading, and the collate functions that build the batch layouts.
+
+- :class:`PairDataset` (training): one item per image-caption pair (``captions_per_image="all"``), or one item
+  per image with a caption drawn afresh each epoch (``"sample"``, seeded; call :meth:`PairDataset.set_epoch`).
+- :class:`ImageWithCaptionsDataset` (evaluation): each image once, with all of its captions.
+- :class:`WebDatasetStream` (training on tar shards): streams samples, split by rank and worker.
+- :class:`TrainCollate` / :class:`EvalCollate`: tokenize with the attached
+  :class:`~pefttune.data.preprocessing.Preprocessing` and build the batches documented there.
+
+Ids (all ``torch.long``). For map-style datasets: ``image_ids`` are record positions in the dataset,
+``caption_ids`` number all captions of the dataset (image-major), and ``text_ids`` number the distinct
+*normalised* caption strings (lower case, whitespace collapsed) in order of first appearance. They are
+functions of the index only, so the duplicates a ``DistributedSampler`` pads with carry the same ids as the
+originals and metrics can drop them by id. :class:`WebDatasetStream` cannot number a stream globally, so its
+ids are stable 63-bit hashes of the sample key, of ``(key, caption position)`` and of the normalised caption.
+
+Images are converted to RGB by :func:`to_rgb` (EXIF orientation applied; transparency composited on white;
+16-bit grey scaled to 8 bits). A missing, empty or undecodable image raises :class:`ImageLoadError` naming the
+file and the record, whatever ``on_error`` is: a map-style dataset cannot drop an item mid-epoch without
+changing the number of batches per rank under DDP or silently substituting another sample. To skip bad
+images instead, check them up front with :func:`check_images` (the data module's ``validate_images=True``),
+which decodes every image once and, under ``on_error="skip"``, drops and reports the unreadable ones. Streams
+are the exception: :class:`WebDatasetStream` skips (and logs) undecodable samples under ``on_error="skip"``,
+since a stream has no fixed index to keep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from pefttune.data.formats import TarMemberImage, expand_shards, iter_tar_samples, sample_to_record
+from pefttune.data.preprocessing import ImageTransform, Tokenize
+from pefttune.data.records import (
+    DataFormatError,
+    ErrorPolicy,
+    ImageCaptionRecord,
+    ImageLoadError,
+    ImageSource,
+    OnError,
+    SkipReport,
+    normalize_caption,
+    validate_records,
+)
+
+logger = logging.getLogger(__name__)
+
+CaptionsPerImage = Literal["all", "sample"]
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Images
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL image to 8-bit RGB, upright.
+
+    - EXIF orientation is applied.
+    - Transparency (RGBA, LA, PA, palette or grey with a transparency key) is composited onto white, the
+      background such images are usually shown on; a plain ``convert("RGB")`` would expose whatever colour the
+      transparent pixels happen to hold (often black).
+    - 16-bit grey (``I;16*``) is scaled by 255/65535 instead of being clipped, which would turn it white.
+      32-bit integer (``I``) and float (``F``) images are taken as 8-bit if their maximum is at most 255 (or
+      as [0, 1] floats if at most 1), as 16-bit if at most 65535, and otherwise scaled by their range.
+    - Everything else (L, P, 1, CMYK, YCbCr, LAB, HSV) goes through PIL's ``convert("RGB")``.
+
+    Args:
+        image: A loaded PIL image.
+
+    Returns:
+        An RGB image.
+    """
+    image = ImageOps.exif_transpose(image) or image
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(image), mode)).convert("RGB")
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    values = array.astype(np.float64)
+    if mode in _SIXTEEN_BIT_MODES:
+        scaled = values * (255.0 / 65535.0)
+    else:
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if mode == "F" and low >= 0.0 and high <= 1.0:
+            scaled = values * 255.0
+        elif low >= 0.0 and high <= 255.0:
+            scaled = values
+        elif low >= 0.0 and high <= 65535.0:
+            scaled = values * (255.0 / 65535.0)
+        else:
+            scaled = (values - low) * (255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def load_image(source: ImageSource, *, record: str = "image") -> Image.Image:
+    """Load an image as RGB (see :func:`to_rgb`), fully decoded.
+
+    Args:
+        source: A path, encoded bytes, or a zero-argument callable returning a PIL image.
+        record: Names the record in error messages (file, index and image id).
+
+    Returns:
+        The decoded RGB image.
+
+    Raises:
+        ImageLoadError: If the file is missing or empty, or the image cannot be decoded (truncated or corrupt
+            data, unknown format); the message names the file and the record.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise ImageLoadError(f"image file not found: {path} ({record})")
+        if os.path.getsize(path) == 0:
+            raise ImageLoadError(f"image file is empty (0 bytes): {path} ({record})")
+        name = path
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ImageLoadError(f"image bytes are empty ({record})")
+        name = "image bytes"
+    elif isinstance(source, TarMemberImage):
+        name = f"{source.shard} member {source.member!r}"
+    elif callable(source):
+        name = "image callable"
+    else:
+        raise ImageLoadError(f"unsupported image source {type(source).__name__} ({record})")
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(path, "rb") as handle:
+                image = Image.open(handle)
+                image.load()
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            image = Image.open(io.BytesIO(bytes(source)))
+            image.load()
+        else:
+            image = source()
+            if not isinstance(image, Image.Image):
+                raise ImageLoadError(
+                    f"the image callable returned {type(image).__name__}, expected a PIL image"
+                )
+            image.load()
+        return to_rgb(image)
+    except ImageLoadError as err:
+        raise ImageLoadError(f"cannot load image {name}: {err} ({record})") from err
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise ImageLoadError(
+            f"cannot load image {name}: {type(err).__name__}: {err} ({record}); the file may be truncated, "
+            "corrupt or not an image"
+        ) from err
+
+
+def check_images(
+    records: Sequence[ImageCaptionRecord],
+    *,
+    on_error: OnError = "raise",
+    report: SkipReport | None = None,
+    num_threads: int | None = None,
+) -> list[ImageCaptionRecord]:
+    """Decode every record's image once and keep the records whose image loads.
+
+    Meant for set-up time (``validate_images=True``): it costs one full decode per image, run on a thread pool
+    (PIL releases the GIL while decoding).
+
+    Args:
+        records: Records to check.
+        on_error: ``"raise"`` raises for the first unreadable image (in record order); ``"skip"`` drops the
+            unreadable ones and reports them as ``"unreadable_image"``.
+        report: Collects skipped records.
+        num_threads: Size of the thread pool; None uses up to 8 threads.
+
+    Returns:
+        The records whose image loads, in order.
+
+    Raises:
+        ImageLoadError: Under ``on_error="raise"``.
+    """
+
+    def attempt(record: ImageCaptionRecord) -> str | None:
+        try:
+            load_image(record.image, record=record.describe())
+        except ImageLoadError as err:
+            return str(err)
+        return None
+
+    threads = num_threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        errors = list(pool.map(attempt, records))
+    policy = ErrorPolicy(on_error, report)
+    kept = []
+    for record, error in zip(records, errors, strict=True):
+        if error is None:
+            kept.append(record)
+        else:
+            policy.fail("unreadable_image", error, ImageLoadError)
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ids
+
+
+def stable_id(text: str) -> int:
+    """A 63-bit non-negative id of a string, the same in every process and run."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class CaptionIndex:
+    """Integer ids for a list of records (see the module docstring).
+
+    Args:
+        records: The records of one dataset (one split).
+
+    Attributes:
+        records: The records.
+        caption_offsets: ``caption_offsets[i]`` is the caption id of record ``i``'s first caption.
+        text_ids: ``text_ids[i][j]`` is the text id of record ``i``'s caption ``j``.
+        num_texts: Number of distinct normalised captions.
+    """
+
+    def __init__(self, records: Sequence[ImageCaptionRecord]) -> None:
+        self.records = list(records)
+        counts = np.array([len(record.captions) for record in self.records], dtype=np.int64)
+        if (counts == 0).any():
+            first = self.records[int(np.argmax(counts == 0))]
+            raise DataFormatError(f"{first.describe()}: record has no captions")
+        self.caption_offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.num_captions = int(counts.sum())
+        vocabulary: dict[str, int] = {}
+        self.text_ids = [
+            [
+                vocabulary.setdefault(normalize_caption(caption), len(vocabulary))
+                for caption in record.captions
+            ]
+            for record in self.records
+        ]
+        self.num_texts = len(vocabulary)
+        # Pair p is caption pair_caption[p] of record pair_record[p], image-major.
+        self.pair_record = np.repeat(np.arange(len(self.records), dtype=np.int64), counts)
+        self.pair_caption = (
+            np.arange(self.num_captions, dtype=np.int64) - self.caption_offsets[self.pair_record]
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Map-style datasets
+
+
+class _RecordDataset(Dataset):
+    def __init__(self, records: Sequence[ImageCaptionRecord], transform: ImageTransform | None) -> None:
+        self.index = CaptionIndex(records)
+        self.transform = transform
+
+    @property
+    def records(self) -> list[ImageCaptionRecord]:
+        """The records the dataset serves."""
+        return self.index.records
+
+    def _image(self, record: ImageCaptionRecord) -> Any:
+        image = load_image(record.image, record=record.describe())
+        return self.transform(image) if self.transform is not None else image
+
+
+class PairDataset(_RecordDataset):
+    """Training pairs from records.
+
+    Items are dicts: ``image`` (the transformed tensor, or the PIL image when ``transform`` is None),
+    ``caption`` (str), ``image_id``, ``caption_id``, ``text_id`` (ints, see the module docstring).
+
+    Args:
+        records: The records of the training split.
+        captions_per_image: ``"all"``: one item per caption (image-major order). ``"sample"``: one item per
+            image, its caption drawn from ``(seed, epoch, index)``, so it changes with :meth:`set_epoch` and
+            is reproducible.
+        transform: Image transform (the preprocessing's ``train_transform``), applied in ``__getitem__``.
+        seed: Seed of the caption draw.
+        max_items: Keep only the first ``max_items`` items (quick runs).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageCaptionRecord],
+        *,
+        captions_per_image: CaptionsPerImage = "all",
+        transform: ImageTransform | None = None,
+        seed: int = 0,
+        max_items: int | None = None,
+    ) -> None:
+        if captions_per_image not in ("all", "sample"):
+            raise ValueError(f"captions_per_image must be 'all' or 'sample', got {captions_per_image!r}")
+        super().__init__(records, transform)
+        self.captions_per_image = captions_per_image
+        self.seed = seed
+        full = self.index.num_captions if captions_per_image == "all" else len(self.index.records)
+        self._length = full if max_items is None else max(0, min(full, max_items))
+        # Shared memory, so that persistent DataLoader workers see the epoch set in the main process.
+        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the caption draw uses."""
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch of the caption draw (``"sample"`` mode; harmless otherwise)."""
+        self._epoch[0] = int(epoch)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self._length:
+            raise IndexError(f"index {index} out of range for {self._length} items")
+        if self.captions_per_image == "all":
+            record_index = int(self.index.pair_record[index])
+            position = int(self.index.pair_caption[index])
+        else:
+            record_index = index
+            count = len(self.index.records[index].captions)
+            position = int(np.random.default_rng([self.seed, self.epoch, index]).integers(count))
+        record = self.index.records[record_index]
+        return {
+            "image": self._image(record),
+            "caption": record.captions[position],
+            "image_id": record_index,
+            "caption_id": int(self.index.caption_offsets[record_index]) + position,
+            "text_id": self.index.text_ids[record_index][position],
+        }
+
+
+class ImageWithCaptionsDataset(_RecordDataset):
+    """Evaluation items: every image once, with all of its captions.
+
+    Items are dicts: ``image``, ``captions`` (list of str), ``image_id`` (int), ``caption_ids`` and
+    ``text_ids`` (lists of int, one per caption).
+
+    Args:
+        records: The records of an evaluation split.
+        transform: Image transform (the preprocessing's ``eval_transform``).
+    """
+
+    def __init__(
+        self, records: Sequence[ImageCaptionRecord], *, transform: ImageTransform | None = None
+    ) -> None:
+        super().__init__(records, transform)
+
+    def __len__(self) -> int:
+        return len(self.index.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.index.records[index]
+        first = int(self.index.caption_offsets[index])
+        return {
+            "image": self._image(record),
+            "captions": list(record.captions),
+            "image_id": index,
+            "caption_ids": list(range(first, first + len(record.captions))),
+            "text_ids": list(self.index.text_ids[index]),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# WebDataset streaming
+
+
+def _distributed_rank_and_size() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class WebDatasetStream(IterableDataset):
+    """Streams training pairs from WebDataset tar shards, split by rank and DataLoader worker.
+
+    Splitting: each epoch the shard list is shuffled with ``(seed, epoch)`` (the same order on every rank) and
+    dealt out round-robin to the ``world_size * num_workers`` readers. With fewer shards than readers, every
+    reader scans all shards and keeps every n-th sample instead. Either way each sample is read by exactly one
+    reader per pass.
+
+    Epoch length: with ``samples_per_epoch=None`` an epoch is one pass over the shards; ranks may then get
+    different numbers of batches, which stalls DDP unless shards hold equal numbers of samples. With
+    ``samples_per_epoch=N`` every rank yields exactly ``N // world_size`` items rounded down to whole
+    batches, split over workers in whole batches (so ``drop_last`` loses nothing); a reader that runs out
+    starts another pass over its shards (newly shuffled), as open_clip's resampled mode does. Then ``len()``
+    is defined.
+
+    Items are those of :class:`PairDataset`, with hashed ids (:func:`stable_id`). Sample keys must be unique
+    across shards. A shuffle buffer of ``shuffle_buffer`` items decorrelates neighbouring samples (and the
+    captions of one image); it holds encoded images, which are decoded only when an item leaves the buffer.
+
+    Resuming within an epoch is approximate: a stream has no index to restart from, so a resumed epoch starts
+    a fresh pass with that epoch's shuffle.
+
+    Args:
+        shards: Shard pattern (see :func:`~pefttune.data.formats.expand_shards`) or list of URLs.
+        split: Split name given to the records.
+        captions_per_image: ``"all"`` (one item per caption) or ``"sample"`` (one random caption per image).
+        transform: Image transform, applied when an item is yielded.
+        seed: Seed of shard order, shuffle buffer and caption draw.
+        samples_per_epoch: Items per epoch over all ranks, or None for one pass.
+        batch_size: Per-worker counts are multiples of this (the DataLoader's batch size).
+        shuffle_buffer: Size of the shuffle buffer (0 or 1 disables it).
+        on_error: ``"skip"`` drops, counts and logs bad samples and undecodable images; ``"raise"`` raises.
+        rank: This process's rank; None reads it from ``torch.distributed`` (set it explicitly when workers
+            are started with ``spawn``).
+        world_size: Number of ranks; None reads it from ``torch.distributed``.
+    """
+
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        *,
+        split: str = "train",
+        captions_per_image: CaptionsPerImage = "all",
+        transform: ImageTransform | None = None,
+        seed: int = 0,
+        samples_per_epoch: int | None = None,
+        batch_size: int = 1,
+        shuffle_buffer: int = 1000,
+        on_error: OnError = "raise",
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        self.urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
+        if not self.urls:
+            raise DataFormatError(f"no shards in {shards!r}")
+        if captions_per_image not in ("all", "sample"):
+            raise ValueError(f"captions_per_image must be 'all' or 'sample', got {captions_per_image!r}")
+        if samples_per_epoch is not None and samples_per_epoch <= 0:
+            raise ValueError(f"samples_per_epoch must be positive, got {samples_per_epoch}")
+        self.split = split
+        self.captions_per_image = captions_per_image
+        self.transform = transform
+        self.seed = seed
+        self.samples_per_epoch = samples_per_epoch
+        self.batch_size = max(1, batch_size)
+        self.shuffle_buffer = shuffle_buffer
+        self.on_error = on_error
+        self.rank = rank
+        self.world_size = world_size
+        self._warned = False
+        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch that seeds shard order, buffer and caption draw."""
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch (call in the main process before each pass; :class:`EpochDataLoader` does)."""
+        self._epoch[0] = int(epoch)
+        self._resolve_ranks()
+
+    def _resolve_ranks(self) -> tuple[int, int]:
+        if self.rank is None or self.world_size is None:
+            rank, world_size = _distributed_rank_and_size()
+            self.rank = rank if self.rank is None else self.rank
+            self.world_size = world_size if self.world_size is None else self.world_size
+        if self.world_size > 1 and self.samples_per_epoch is None and not self._warned:
+            self._warned = True
+            logger.warning(
+                "WebDatasetStream over %d ranks without samples_per_epoch: ranks may get different numbers "
+                "of batches, which stalls DDP unless every shard holds the same number of samples; set "
+                "samples_per_epoch",
+                self.world_size,
+            )
+        return self.rank, self.world_size
+
+    def _batches_per_rank(self) -> int:
+        _, world_size = self._resolve_ranks()
+        assert self.samples_per_epoch is not None
+        return self.samples_per_epoch // world_size // self.batch_size
+
+    def __len__(self) -> int:
+        if self.samples_per_epoch is None:
+            raise TypeError("WebDatasetStream has no length without samples_per_epoch")
+        return self._batches_per_rank() * self.batch_size
+
+    def _worker_quota(self, worker: int, num_workers: int) -> int | None:
+        if self.samples_per_epoch is None:
+            return None
+        batches = self._batches_per_rank()
+        return (batches // num_workers + (1 if worker < batches % num_workers else 0)) * self.batch_size
+
+    def _records(
+        self, reader: int, readers: int, policy: ErrorPolicy, cycle: bool
+    ) -> Iterator[ImageCaptionRecord]:
+        epoch = self.epoch
+        for pass_index in itertools.count():
+            order = np.random.default_rng([self.seed, epoch, pass_index]).permutation(len(self.urls))
+            shards = [self.urls[i] for i in order]
+            by_shard = len(shards) >= readers
+            mine = shards[reader::readers] if by_shard else shards
+            seen = kept = 0
+            for url in mine:
+                for key, files in iter_tar_samples(url, policy=policy if policy.skipping else None):
+                    seen += 1
+                    if not by_shard and (seen - 1) % readers != reader:
+                        continue
+                    record = sample_to_record(url, key, files, split=self.split, policy=policy)
+                    if record is None:
+                        continue
+                    valid = validate_records(
+                        [record],
+                        source=url,
+                        on_error=policy.on_error,
+                        report=policy.report,
+                        check_files=False,
+                    )
+                    if valid:
+                        kept += 1
+                        yield valid[0]
+            if not cycle:
+                return
+            if kept == 0:
+                raise DataFormatError(
+                    f"WebDatasetStream reader {reader} of {readers} found no usable samples in "
+                    f"{len(mine)} shard(s)"
+                )
+
+    def _pairs(
+        self, records: Iterator[ImageCaptionRecord], rng: np.random.Generator
+    ) -> Iterator[tuple[Any, ...]]:
+        for record in records:
+            if self.captions_per_image == "all":
+                positions: Sequence[int] = range(len(record.captions))
+            else:
+                positions = [int(rng.integers(len(record.captions)))]
+            for position in positions:
+                yield record, position
+
+    def _shuffled(
+        self, items: Iterator[tuple[Any, ...]], rng: np.random.Generator
+    ) -> Iterator[tuple[Any, ...]]:
+        if self.shuffle_buffer <= 1:
+            yield from items
+            return
+        buffer: list[tuple[Any, ...]] = []
+        for item in items:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(item)
+                continue
+            chosen = int(rng.integers(len(buffer)))
+            buffer[chosen], item = item, buffer[chosen]
+            yield item
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, world_size = self._resolve_ranks()
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader, readers = rank * num_workers + worker, world_size * num_workers
+        quota = self._worker_quota(worker, num_workers)
+        if quota == 0:
+            return
+        policy = ErrorPolicy(self.on_error, SkipReport())
+        rng = np.random.default_rng([self.seed, self.epoch, reader, 1])
+        count = 0
+        try:
+            for record, position in self._shuffled(
+                self._pairs(self._records(reader, readers, policy, cycle=quota is not None), rng), rng
+            ):
+                try:
+                    image = load_image(record.image, record=record.describe())
+                except ImageLoadError as err:
+                    policy.fail("unreadable_image", str(err), ImageLoadError)
+                    continue
+                caption = record.captions[position]
+                yield {
+                    "image": self.transform(image) if self.transform is not None else image,
+                    "caption": caption,
+                    "image_id": stable_id(record.image_id),
+                    "caption_id": stable_id(f"{record.image_id}\x00{position}"),
+                    "text_id": stable_id(normalize_caption(caption)),
+                }
+                count += 1
+                if quota is not None and count >= quota:
+                    return
+        finally:
+            policy.report.log(logger, f"WebDatasetStream rank {rank} worker {worker} epoch {self.epoch}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collation and loading
+
+
+def _stack_images(items: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+    images = [item["image"] for item in items]
+    if not all(isinstance(image, torch.Tensor) for image in images):
+        raise TypeError(
+            "the image transform must return tensors [3, H, W]; got "
+            f"{type(images[0]).__name__} (was a Preprocessing attached to the dataset?)"
+        )
+    return torch.stack(images)
+
+
+def _tokenize(tokenize: Tokenize, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = tokenize(captions)
+    for key in ("input_ids", "attention_mask"):
+        if key not in tokens:
+            raise KeyError(f"tokenize must return 'input_ids' and 'attention_mask'; got keys {list(tokens)}")
+    return torch.as_tensor(tokens["input_ids"]), torch.as_tensor(tokens["attention_mask"])
+
+
+def _ids(values: Sequence[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)
+
+
+class TrainCollate:
+    """Build the training batch of :mod:`pefttune.data.preprocessing` from :class:`PairDataset` items.
+
+    Args:
+        tokenize: The preprocessing's ``tokenize`` (pads to the longest caption, truncates to the maximum).
+    """
+
+    def __init__(self, tokenize: Tokenize) -> None:
+        self.tokenize = tokenize
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Stack images, tokenize captions and gather ids."""
+        input_ids, attention_mask = _tokenize(self.tokenize, [item["caption"] for item in items])
+        return {
+            "pixel_values": _stack_images(items),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "image_ids": _ids([item["image_id"] for item in items]),
+            "caption_ids": _ids([item["caption_id"] for item in items]),
+            "text_ids": _ids([item["text_id"] for item in items]),
+        }
+
+
+class EvalCollate:
+    """Build the evaluation batch of :mod:`pefttune.data.preprocessing` from evaluation items.
+
+    The items come from :class:`ImageWithCaptionsDataset`: B images and the T captions of all of them.
+
+    Args:
+        tokenize: The preprocessing's ``tokenize``.
+    """
+
+    def __init__(self, tokenize: Tokenize) -> None:
+        self.tokenize = tokenize
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Stack images, tokenize every caption and gather ids."""
+        captions = [caption for item in items for caption in item["captions"]]
+        input_ids, attention_mask = _tokenize(self.tokenize, captions)
+        return {
+            "pixel_values": _stack_images(items),
+            "image_ids": _ids([item["image_id"] for item in items]),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "caption_ids": _ids([cid for item in items for cid in item["caption_ids"]]),
+            "caption_image_ids": _ids([item["image_id"] for item in items for _ in item["captions"]]),
+            "text_ids": _ids([tid for item in items for tid in item["text_ids"]]),
+        }
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader that tells its dataset the epoch before every pass.
+
+    Lightning calls ``set_epoch`` only on samplers; the caption draw of :class:`PairDataset` and the shard
+    order of :class:`WebDatasetStream` live in the dataset, so this loader calls ``dataset.set_epoch`` in
+    ``__iter__`` (in the main process, before workers prefetch). With ``shuffle_seed`` it also reseeds its
+    ``generator`` from ``(shuffle_seed, epoch)``, making the shuffle of each epoch reproducible, resumes
+    included. Lightning can rebuild it with a ``DistributedSampler``: its extra arguments are attributes.
+
+    Args:
+        dataset: The dataset.
+        *args: Passed to :class:`torch.utils.data.DataLoader`.
+        epoch_source: Returns the current epoch (e.g. the trainer's), or None to count passes instead.
+        shuffle_seed: Seed for the per-epoch shuffle; needs ``generator`` (made when missing).
+        **kwargs: Passed to :class:`torch.utils.data.DataLoader`.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *args: Any,
+        epoch_source: Callable[[], int | None] | None = None,
+        shuffle_seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if shuffle_seed is not None and kwargs.get("generator") is None:
+            kwargs["generator"] = torch.Generator()
+        super().__init__(dataset, *args, **kwargs)
+        self.epoch_source = epoch_source
+        self.shuffle_seed = shuffle_seed
+        self._passes = 0
+
+    def __iter__(self) -> Any:
+        """Set the epoch on the dataset (and the shuffle generator), then iterate."""
+        epoch = self.epoch_source() if self.epoch_source is not None else None
+        if epoch is None:
+            epoch = self._passes
+        self._passes += 1
+        set_epoch = getattr(self.dataset, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        if self.shuffle_seed is not None and self.generator is not None:
+            self.generator.manual_seed(stable_id(f"shuffle\x00{self.shuffle_seed}\x00{epoch}"))
+        return super().__iter__()
