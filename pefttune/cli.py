@@ -13,6 +13,7 @@ import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from pefttune.callbacks import EmbeddingWriter
 from pefttune.data.datamodule import ImageTextDataModule
 from pefttune.module import DualEncoderModule
 from pefttune.towers.base import architecture_only
@@ -23,13 +24,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 class PefttuneCLI(LightningCLI):
     """LightningCLI with pefttune's defaults.
 
-    * Callbacks: the best (by ``val/rsum``) and last checkpoints, and a learning-rate monitor.
+    * Callbacks: the best (by ``val/rsum``) and last checkpoints, and a learning-rate monitor when logging.
     * ``fit`` ends with a test of the best checkpoint (``--test_after_fit false`` to skip), so one command
       trains and prints test retrieval.
     """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        """Default callbacks (configs may replace them) and ``--test_after_fit``."""
+        """Default checkpointing (``--checkpoint.*``) and ``--test_after_fit``."""
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -40,11 +41,20 @@ class PefttuneCLI(LightningCLI):
                 "checkpoint.filename": "best-{epoch}-{step}",
             }
         )
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="after fit, test the best checkpoint"
         )
+
+    def before_fit(self) -> None:
+        """Log learning rates per step when there is a logger to log to."""
+        has_monitor = any(isinstance(c, LearningRateMonitor) for c in self.trainer.callbacks)
+        if self.trainer.logger is not None and not has_monitor:
+            self.trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
+
+    def before_predict(self) -> None:
+        """Make sure predictions are written to a file (``embeddings.pt`` in the log directory by default)."""
+        if not any(isinstance(c, EmbeddingWriter) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(EmbeddingWriter())
 
     def after_fit(self) -> None:
         """Test the best checkpoint (or the final weights when none was saved)."""
