@@ -91,7 +91,7 @@ class CLIPImageTower(ImageTower):
         super().__init__()
         self.model_name = model_name
         clip = _take_half(model_name, weights_enabled(pretrained), "vision")
-        self.model = clip.vision_model
+        self.model = clip.vision_model.train()  # from_pretrained returns eval mode
         self.projection = clip.visual_projection
         self.pretrained_logit_scale = float(clip.logit_scale.detach().exp())
         self.image_size = int(clip.config.vision_config.image_size)
@@ -148,7 +148,7 @@ class CLIPTextTower(TextTower):
         self.model_name = model_name
         self._pretrained = weights_enabled(pretrained)
         clip = _take_half(model_name, self._pretrained, "text")
-        self.model = clip.text_model
+        self.model = clip.text_model.train()  # from_pretrained returns eval mode
         self.projection = clip.text_projection
         self.pretrained_logit_scale = float(math.exp(clip.logit_scale.item()))
         self._tokenizer: PreTrainedTokenizerBase | None = None

@@ -90,6 +90,8 @@ class HFTextTower(TextTower):
                 self.model = AutoModel.from_pretrained(model_name, add_pooling_layer=False)
             else:
                 self.model = AutoModel.from_config(architecture_config(model_name), add_pooling_layer=False)
+        # from_pretrained returns eval mode and Lightning keeps modules' modes: train like any new module.
+        self.model.train()
         self.projection = make_projection(self.model.config.hidden_size, embed_dim)
         self._tokenizer: PreTrainedTokenizerBase | None = None
 
