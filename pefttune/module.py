@@ -1,4 +1,10 @@
-"""The LightningModule: two towers, an adaptation strategy, a contrastive loss and retrieval metrics."""
+"""The LightningModule: two towers, an adaptation strategy, a contrastive loss and evaluation metrics.
+
+Evaluation follows the data: retrieval batches (captions) are ranked by :class:`RetrievalMetrics`;
+classification batches (``"labels" in batch``, from
+:class:`~pefttune.data.classification.ClassificationDataModule`) are scored by zero-shot classification
+(:mod:`pefttune.evaluation`), one dataloader per class group.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from pefttune.data.preprocessing import Preprocessing
+from pefttune.evaluation import ZeroShotEvaluation, ZeroShotMetric, text_prompt_prefix
 from pefttune.losses import ContrastiveLoss
 from pefttune.metrics import RetrievalMetrics
 from pefttune.optim import Constant, WarmupCosine
@@ -31,8 +38,9 @@ class NonFiniteLossError(RuntimeError):
 class DualEncoderModule(LightningModule):
     """An image-text dual encoder adapted by a strategy and trained contrastively.
 
-    ``__init__`` stores the hyperparameters and calls the ``configure_*`` hooks in order (towers, strategy,
-    temperature, loss, metrics); subclasses override a hook rather than ``__init__``.
+    ``__init__`` calls the ``configure_*`` hooks in order (towers, strategy, loss, temperature, metrics);
+    subclasses override a hook rather than ``__init__``. A model is rebuilt from its YAML config (saved by
+    the CLI next to the logs), then given a checkpoint's weights.
 
     Args:
         image_tower: the image encoder (any :class:`~pefttune.towers.ImageTower`).
@@ -63,7 +71,8 @@ class DualEncoderModule(LightningModule):
         cache_locked_image_features: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["image_tower", "text_tower", "strategy", "loss", "optimizer"])
+        # No save_hyperparameters(): the towers and the strategy are modules, so the run's YAML (saved
+        # next to the logs by the CLI) is the record of how to rebuild the model, not the checkpoint.
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule if lr_schedule is not None else WarmupCosine()
         self.nonfinite_loss = nonfinite_loss
@@ -114,9 +123,12 @@ class DualEncoderModule(LightningModule):
             self.logit_bias = nn.Parameter(torch.tensor(float(self.loss.init_bias)))
 
     def configure_metrics(self, top_k: tuple[int, ...], chunk_size: int) -> None:
-        """Retrieval metrics for validation and test."""
+        """Retrieval and zero-shot classification metrics for validation and test."""
         self.val_retrieval = RetrievalMetrics(ks=top_k, chunk_size=chunk_size)
         self.test_retrieval = RetrievalMetrics(ks=top_k, chunk_size=chunk_size)
+        self.val_zero_shot = ZeroShotMetric()
+        self.test_zero_shot = ZeroShotMetric()
+        self._zero_shot: ZeroShotEvaluation | None = None
 
     # -- preprocessing -----------------------------------------------------------------------------
     @property
@@ -134,6 +146,9 @@ class DualEncoderModule(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "attach_preprocessing"):
             datamodule.attach_preprocessing(self.preprocessing)
+        if datamodule is not None and hasattr(datamodule, "set_prompt_prefix"):
+            # Class prompts drop the words a learned text context plays (APEX: "a photo").
+            datamodule.set_prompt_prefix(text_prompt_prefix(self.strategy))
 
     # -- encoding ----------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -249,21 +264,45 @@ class DualEncoderModule(LightningModule):
         getter = getattr(datamodule, "evaluation_texts", None)
         return list(getter(stage)) if getter is not None else []
 
+    def _start_evaluation(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self._zero_shot = ZeroShotEvaluation.for_datamodule(datamodule, stage)
+        if self._zero_shot is None:
+            self.strategy.on_evaluation_start(self, self._evaluation_texts(stage))
+        # Classification: the strategy is told each class group's prompts when the group's first batch comes.
+
     def on_validation_epoch_start(self) -> None:
-        """Let the strategy prepare for the texts it will encode."""
-        self.strategy.on_evaluation_start(self, self._evaluation_texts("validate"))
+        """Let the strategy prepare for the texts it will encode (or set up the class groups)."""
+        self._start_evaluation("validate")
 
     def on_test_epoch_start(self) -> None:
-        """Let the strategy prepare for the texts it will encode."""
-        self.strategy.on_evaluation_start(self, self._evaluation_texts("test"))
+        """Let the strategy prepare for the texts it will encode (or set up the class groups)."""
+        self._start_evaluation("test")
 
     def on_predict_epoch_start(self) -> None:
-        """Let the strategy prepare for the texts it will encode."""
-        self.strategy.on_evaluation_start(self, self._evaluation_texts("predict"))
+        """Let the strategy prepare for the texts it will encode (or set up the class groups)."""
+        self._start_evaluation("predict")
 
-    def _evaluation_update(self, batch: dict[str, torch.Tensor], metric: RetrievalMetrics) -> None:
+    def _zero_shot_evaluation(self) -> ZeroShotEvaluation:
+        if self._zero_shot is None:
+            raise RuntimeError(
+                "a classification batch (with 'labels') arrived but no class prompts are known: evaluate "
+                "with a data module that provides evaluation_groups(stage), such as ClassificationDataModule"
+            )
+        return self._zero_shot
+
+    def _evaluation_update(
+        self,
+        batch: dict[str, torch.Tensor],
+        dataloader_idx: int,
+        retrieval: RetrievalMetrics,
+        zero_shot: ZeroShotMetric,
+    ) -> None:
+        if "labels" in batch:
+            self._zero_shot_evaluation().update(self, batch, dataloader_idx, zero_shot)
+            return
         image_embeds, text_embeds = self.evaluation_embeddings(batch)
-        metric.update(
+        retrieval.update(
             image_embeds.float(),
             batch["image_ids"],
             text_embeds.float(),
@@ -271,29 +310,51 @@ class DualEncoderModule(LightningModule):
             batch["caption_image_ids"],
         )
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Collect embeddings for retrieval."""
-        self._evaluation_update(batch, self.val_retrieval)
+    def validation_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Collect embeddings for retrieval, or score a classification batch."""
+        self._evaluation_update(batch, dataloader_idx, self.val_retrieval, self.val_zero_shot)
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Collect embeddings for retrieval."""
-        self._evaluation_update(batch, self.test_retrieval)
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Collect embeddings for retrieval, or score a classification batch."""
+        self._evaluation_update(batch, dataloader_idx, self.test_retrieval, self.test_zero_shot)
 
     def on_validation_epoch_end(self) -> None:
-        """Rank and log retrieval metrics."""
-        self._log_retrieval("val", self.val_retrieval)
+        """Log retrieval metrics, or zero-shot accuracy per class group."""
+        self._log_evaluation("val", self.val_retrieval, self.val_zero_shot)
 
     def on_test_epoch_end(self) -> None:
-        """Rank and log retrieval metrics."""
-        self._log_retrieval("test", self.test_retrieval)
+        """Log retrieval metrics, or zero-shot accuracy per class group."""
+        self._log_evaluation("test", self.test_retrieval, self.test_zero_shot)
+
+    def _log_evaluation(self, stage: str, retrieval: RetrievalMetrics, zero_shot: ZeroShotMetric) -> None:
+        classified = zero_shot.update_called
+        if classified:
+            results = self._zero_shot_evaluation().results(stage, zero_shot)
+            zero_shot.reset()
+            # Every rank holds the same synchronised numbers; the names carry the group, not the loader.
+            self.log_dict(results, sync_dist=False, add_dataloader_idx=False)
+        if retrieval.update_called or not classified:
+            self._log_retrieval(stage, retrieval)
 
     def _log_retrieval(self, stage: str, metric: RetrievalMetrics) -> None:
         results = metric.compute()
         metric.reset()
         self.log_dict({f"{stage}/{k}": float(v) for k, v in results.items()}, sync_dist=False)
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Embeddings of an evaluation batch, with their ids."""
+    def predict_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """Embeddings of an evaluation batch with their ids; class scores and labels for classification."""
+        if "labels" in batch:
+            images, logits = self._zero_shot_evaluation().scores(self, batch, dataloader_idx)
+            return {
+                "image_embeds": images.float().cpu(),
+                "image_ids": batch["image_ids"].cpu(),
+                "labels": batch["labels"].cpu(),
+                "logits": logits.cpu(),
+            }
         image_embeds, text_embeds = self.evaluation_embeddings(batch)
         return {
             "image_embeds": image_embeds.float().cpu(),

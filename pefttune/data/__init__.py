@@ -4,6 +4,7 @@ The contract with the towers (the :class:`Preprocessing` and the batch layouts) 
 :mod:`pefttune.data.preprocessing`.
 """
 
+from pefttune.data.classification import ClassificationDataModule
 from pefttune.data.datamodule import ImageTextDataModule
 from pefttune.data.datasets import (
     CaptionIndex,
@@ -50,6 +51,7 @@ __all__ = [
     "HELD_OUT_PAIRS",
     "SKIP_REASONS",
     "CaptionIndex",
+    "ClassificationDataModule",
     "DataError",
     "DataFormatError",
     "EpochDataLoader",

@@ -77,6 +77,8 @@ class AdaptationStrategy(nn.Module, abc.ABC):
 
     prefix: ClassVar[str] = ""
     default_temperature: ClassVar[TemperaturePolicy] = TemperaturePolicy()
+    # Words a learned input-level text context plays (APEX: "a photo"); class prompts drop them.
+    text_prompt_prefix: ClassVar[str] = ""
 
     def __init__(
         self,
