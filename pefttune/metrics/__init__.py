@@ -1,0 +1,34 @@
+"""Evaluation metrics: image-text retrieval and zero-shot classification.
+
+Functional forms (pure tensor functions) live in :mod:`pefttune.metrics.functional` and
+:mod:`pefttune.metrics.zeroshot`; the ``torchmetrics.Metric`` classes accumulate over batches and
+processes and call them.
+"""
+
+from pefttune.metrics.functional import (
+    metrics_from_ranks,
+    retrieval_metrics,
+    retrieval_ranks,
+    topk_retrieval,
+)
+from pefttune.metrics.retrieval import RetrievalMetrics
+from pefttune.metrics.zeroshot import (
+    ZeroShotAccuracy,
+    class_embeddings,
+    harmonic_mean,
+    top1_accuracy,
+    zero_shot_logits,
+)
+
+__all__ = [
+    "RetrievalMetrics",
+    "ZeroShotAccuracy",
+    "class_embeddings",
+    "harmonic_mean",
+    "metrics_from_ranks",
+    "retrieval_metrics",
+    "retrieval_ranks",
+    "top1_accuracy",
+    "topk_retrieval",
+    "zero_shot_logits",
+]
