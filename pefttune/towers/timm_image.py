@@ -197,16 +197,20 @@ def _is_timm_transformer_block(module: nn.Module) -> bool:
 
 
 def _timm_qkv(attn: nn.Module, prefix: str) -> QKVProjections | None:
-    if isinstance(getattr(attn, "qkv", None), nn.Linear):
-        return QKVProjections(names=(f"{prefix}.qkv",), fused=attn.qkv)
-    for q, k, v in (("q", "k", "v"), ("q_proj", "k_proj", "v_proj")):
-        if all(isinstance(getattr(attn, n, None), nn.Linear) for n in (q, k, v)):
-            return QKVProjections(
-                names=(f"{prefix}.{q}", f"{prefix}.{k}", f"{prefix}.{v}"),
-                query=getattr(attn, q),
-                key=getattr(attn, k),
-                value=getattr(attn, v),
-            )
+    qkv = getattr(attn, "qkv", None)
+    if isinstance(qkv, nn.Linear):
+        return QKVProjections(names=(f"{prefix}.qkv",), fused=qkv)
+    # A fused qkv a strategy has already split into q, k and v (LoRA's SplitQKV) still answers.
+    containers = [(attn, prefix)] + ([(qkv, f"{prefix}.qkv")] if qkv is not None else [])
+    for container, base in containers:
+        for q, k, v in (("q", "k", "v"), ("q_proj", "k_proj", "v_proj")):
+            if all(isinstance(getattr(container, n, None), nn.Linear) for n in (q, k, v)):
+                return QKVProjections(
+                    names=(f"{base}.{q}", f"{base}.{k}", f"{base}.{v}"),
+                    query=getattr(container, q),
+                    key=getattr(container, k),
+                    value=getattr(container, v),
+                )
     return None
 
 
