@@ -1,0 +1,600 @@
+"""Retrieval pictures: text queries with their top-k images, image queries with their top-k captions.
+
+Three layers, each usable alone:
+
+* Pure functions. :func:`mark_correct` says which retrieved items are relevant;
+  :func:`text_to_image_figure`, :func:`image_to_text_figure` and :func:`retrieval_figure` draw a
+  matplotlib figure from embeddings, ids, captions and images; :func:`save_figure` writes it as PNG.
+  The top-k come from :func:`pefttune.metrics.functional.topk_retrieval`.
+* :func:`collect_retrieval_examples`: run a model over evaluation batches and keep what the pictures need.
+* :class:`RetrievalPictureLogger`: a Lightning callback that logs the picture to TensorBoard after every
+  validation, and ``python -m pefttune.visualize`` (:func:`main`), which draws it for a trained checkpoint.
+
+Relevance follows the retrieval protocol (``docs/protocol.md``): a retrieved image is correct for a caption
+when it is the caption's own image; a retrieved caption is correct for an image when it is one of that
+image's captions. Correct items get a green frame (images) or a green check mark (captions), wrong ones red.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import textwrap
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from PIL import Image
+
+from pefttune.metrics.functional import topk_retrieval
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from pefttune.module import DualEncoderModule
+
+__all__ = [
+    "RetrievalExamples",
+    "RetrievalPictureLogger",
+    "collect_retrieval_examples",
+    "image_to_text_figure",
+    "main",
+    "mark_correct",
+    "retrieval_figure",
+    "save_figure",
+    "text_to_image_figure",
+]
+
+CORRECT_COLOR = "#1a9850"
+WRONG_COLOR = "#d73027"
+# Characters per line of a caption drawn as a title or list item; longer captions wrap, then are cut.
+_WRAP = 28
+_MAX_LINES = 3
+
+ImageLike = Image.Image | np.ndarray | torch.Tensor
+
+
+def _figure_class() -> type[Figure]:
+    # The object-oriented Figure needs no GUI backend or pyplot state: safe in callbacks and worker threads.
+    from matplotlib.figure import Figure
+
+    return Figure
+
+
+def mark_correct(
+    topk_indices: torch.Tensor, query_owner_ids: torch.Tensor, gallery_owner_ids: torch.Tensor
+) -> torch.Tensor:
+    """Which retrieved gallery items are relevant to their query.
+
+    Both directions reduce to one rule: a retrieved item is correct when it belongs to the same image as the
+    query. For text -> image, query owners are the captions' image ids and gallery owners the images' ids;
+    for image -> text, query owners are the images' ids and gallery owners the captions' image ids.
+
+    Args:
+        topk_indices: Rows of the gallery retrieved for each query [N_q, K] (from ``topk_retrieval``).
+        query_owner_ids: The image id each query belongs to [N_q].
+        gallery_owner_ids: The image id each gallery item belongs to [N_g].
+
+    Returns:
+        A boolean tensor [N_q, K], True where the retrieved item is relevant.
+
+    Raises:
+        ValueError: If the shapes do not line up or an index is out of the gallery's range.
+    """
+    if topk_indices.ndim != 2 or topk_indices.shape[0] != query_owner_ids.shape[0]:
+        raise ValueError(
+            f"topk_indices must be [N_q, K] with N_q = {query_owner_ids.shape[0]} queries, "
+            f"got shape {tuple(topk_indices.shape)}"
+        )
+    if topk_indices.numel() and (
+        int(topk_indices.min()) < 0 or int(topk_indices.max()) >= len(gallery_owner_ids)
+    ):
+        raise ValueError(f"topk_indices must index a gallery of {len(gallery_owner_ids)} items")
+    owners = gallery_owner_ids.to(topk_indices.device)[topk_indices]
+    return owners == query_owner_ids.to(topk_indices.device)[:, None]
+
+
+def _to_display(image: ImageLike) -> np.ndarray:
+    """An image as an array matplotlib can show: PIL as is, tensors [3, H, W] rescaled to [0, 1]."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+        array = np.transpose(array, (1, 2, 0))
+    if array.dtype == np.uint8:
+        return array
+    # Normalised model inputs have arbitrary range: stretch each image to [0, 1] so it is recognisable.
+    low, high = float(array.min()), float(array.max())
+    return (array - low) / (high - low) if high > low else np.zeros_like(array)
+
+
+def _wrap(text: str, width: int = _WRAP, lines: int = _MAX_LINES) -> str:
+    return "\n".join(textwrap.wrap(text, width=width, max_lines=lines, placeholder=" ...")) or " "
+
+
+def _check_queries(queries: Sequence[int], count: int, what: str) -> list[int]:
+    chosen = [int(q) for q in queries]
+    bad = [q for q in chosen if not 0 <= q < count]
+    if bad:
+        raise ValueError(f"{what} query rows {bad} are out of range (there are {count})")
+    if not chosen:
+        raise ValueError(f"at least one {what} query is needed")
+    return chosen
+
+
+def _frame(axis: Any, color: str) -> None:
+    axis.set_xticks([])
+    axis.set_yticks([])
+    for spine in axis.spines.values():
+        spine.set_visible(True)
+        spine.set_edgecolor(color)
+        spine.set_linewidth(4)
+
+
+def text_to_image_figure(
+    text_embeds: torch.Tensor,
+    caption_image_ids: torch.Tensor,
+    captions: Sequence[str],
+    image_embeds: torch.Tensor,
+    image_ids: torch.Tensor,
+    images: Sequence[ImageLike],
+    *,
+    queries: Sequence[int] = (0, 1, 2, 3),
+    k: int = 5,
+    figure: Figure | None = None,
+) -> Figure:
+    """One row per caption query: the caption, then its top-k images framed green (correct) or red.
+
+    Args:
+        text_embeds: L2-normalised caption embeddings [N_txt, D].
+        caption_image_ids: The image id of each caption [N_txt].
+        captions: The caption strings, aligned with ``text_embeds``.
+        image_embeds: L2-normalised image embeddings [N_img, D].
+        image_ids: The id of each image [N_img].
+        images: The images (PIL, uint8 HWC arrays, or CHW tensors), aligned with ``image_embeds``.
+        queries: Rows of ``text_embeds`` to draw, top to bottom.
+        k: Images shown per query (capped at the number of images).
+        figure: Draw into this figure instead of a new one.
+
+    Returns:
+        The matplotlib figure.
+    """
+    rows = _check_queries(queries, len(captions), "caption")
+    if len(images) != image_embeds.shape[0]:
+        raise ValueError(f"{len(images)} images for {image_embeds.shape[0]} image embeddings")
+    query = text_embeds[rows]
+    scores, indices = topk_retrieval(query, image_embeds, k)
+    correct = mark_correct(indices, caption_image_ids[rows], image_ids)
+    k = indices.shape[1]
+    fig = figure or _figure_class()(figsize=(2.0 * (k + 1.5), 2.1 * len(rows)))
+    grid = fig.add_gridspec(len(rows), k + 1, width_ratios=[1.5] + [1.0] * k)
+    for r, row in enumerate(rows):
+        text_axis = fig.add_subplot(grid[r, 0])
+        text_axis.axis("off")
+        text_axis.text(0.0, 0.5, _wrap(captions[row]), va="center", ha="left", fontsize=9, wrap=True)
+        for c in range(k):
+            axis = fig.add_subplot(grid[r, c + 1])
+            axis.imshow(_to_display(images[int(indices[r, c])]))
+            color = CORRECT_COLOR if bool(correct[r, c]) else WRONG_COLOR
+            _frame(axis, color)
+            axis.set_title(f"#{c + 1}  {float(scores[r, c]):.2f}", fontsize=8, color=color)
+    fig.suptitle(f"Text -> image: top-{k} images per caption (green = the caption's image)", fontsize=10)
+    return fig
+
+
+def image_to_text_figure(
+    image_embeds: torch.Tensor,
+    image_ids: torch.Tensor,
+    images: Sequence[ImageLike],
+    text_embeds: torch.Tensor,
+    caption_image_ids: torch.Tensor,
+    captions: Sequence[str],
+    *,
+    queries: Sequence[int] = (0, 1, 2, 3),
+    k: int = 5,
+    figure: Figure | None = None,
+) -> Figure:
+    """One row per image query: the image, then its top-k captions, checked (correct) or crossed.
+
+    Args:
+        image_embeds: L2-normalised image embeddings [N_img, D].
+        image_ids: The id of each image [N_img].
+        images: The images, aligned with ``image_embeds``.
+        text_embeds: L2-normalised caption embeddings [N_txt, D].
+        caption_image_ids: The image id of each caption [N_txt].
+        captions: The caption strings, aligned with ``text_embeds``.
+        queries: Rows of ``image_embeds`` to draw, top to bottom.
+        k: Captions listed per query (capped at the number of captions).
+        figure: Draw into this figure instead of a new one.
+
+    Returns:
+        The matplotlib figure.
+    """
+    rows = _check_queries(queries, image_embeds.shape[0], "image")
+    if len(captions) != text_embeds.shape[0]:
+        raise ValueError(f"{len(captions)} captions for {text_embeds.shape[0]} caption embeddings")
+    scores, indices = topk_retrieval(image_embeds[rows], text_embeds, k)
+    correct = mark_correct(indices, image_ids[rows], caption_image_ids)
+    k = indices.shape[1]
+    fig = figure or _figure_class()(figsize=(9.0, max(2.0, 0.42 * (k + 1)) * len(rows)))
+    grid = fig.add_gridspec(len(rows), 2, width_ratios=[1.0, 3.2])
+    for r, row in enumerate(rows):
+        image_axis = fig.add_subplot(grid[r, 0])
+        image_axis.imshow(_to_display(images[row]))
+        _frame(image_axis, "#777777")
+        list_axis = fig.add_subplot(grid[r, 1])
+        list_axis.axis("off")
+        for c in range(k):
+            ok = bool(correct[r, c])
+            line = _wrap(captions[int(indices[r, c])], width=60, lines=1)
+            list_axis.text(
+                0.0,
+                1.0 - (c + 0.5) / k,
+                f"{'✓' if ok else '✗'} #{c + 1} ({float(scores[r, c]):.2f})  {line}",
+                va="center",
+                ha="left",
+                fontsize=9,
+                color=CORRECT_COLOR if ok else WRONG_COLOR,
+            )
+    fig.suptitle(
+        f"Image -> text: top-{k} captions per image (green = one of the image's captions)", fontsize=10
+    )
+    return fig
+
+
+@dataclass
+class RetrievalExamples:
+    """Everything a retrieval picture needs, aligned row by row.
+
+    Attributes:
+        image_embeds: L2-normalised image embeddings [N_img, D].
+        image_ids: Image ids [N_img].
+        images: The images (PIL), aligned with ``image_embeds``.
+        text_embeds: L2-normalised caption embeddings [N_txt, D].
+        caption_image_ids: The image id of each caption [N_txt].
+        captions: The caption strings, aligned with ``text_embeds``.
+    """
+
+    image_embeds: torch.Tensor
+    image_ids: torch.Tensor
+    images: list[ImageLike]
+    text_embeds: torch.Tensor
+    caption_image_ids: torch.Tensor
+    captions: list[str]
+
+
+def retrieval_figure(
+    examples: RetrievalExamples, *, num_queries: int = 4, k: int = 5, seed: int | None = 0
+) -> Figure:
+    """Both directions in one figure: caption queries on top, image queries below.
+
+    Args:
+        examples: Embeddings, ids, images and captions (see :class:`RetrievalExamples`).
+        num_queries: Queries drawn per direction (capped at what is available).
+        k: Items retrieved per query.
+        seed: Picks the queries at random with this seed (one caption of distinct images);
+            ``None`` takes the first images and their first captions.
+
+    Returns:
+        The matplotlib figure.
+    """
+    image_rows, caption_rows = pick_queries(examples, num_queries, seed)
+    k_t2i = min(k, examples.image_embeds.shape[0])
+    k_i2t = min(k, examples.text_embeds.shape[0])
+    top_height = 2.1 * len(caption_rows)
+    bottom_height = max(2.0, 0.42 * (k_i2t + 1)) * len(image_rows)
+    fig = _figure_class()(figsize=(max(2.0 * (k_t2i + 1.5), 9.0), top_height + bottom_height + 0.6))
+    top, bottom = fig.subfigures(2, 1, height_ratios=[top_height, bottom_height])
+    text_to_image_figure(
+        examples.text_embeds,
+        examples.caption_image_ids,
+        examples.captions,
+        examples.image_embeds,
+        examples.image_ids,
+        examples.images,
+        queries=caption_rows,
+        k=k,
+        figure=top,
+    )
+    image_to_text_figure(
+        examples.image_embeds,
+        examples.image_ids,
+        examples.images,
+        examples.text_embeds,
+        examples.caption_image_ids,
+        examples.captions,
+        queries=image_rows,
+        k=k,
+        figure=bottom,
+    )
+    return fig
+
+
+def pick_queries(
+    examples: RetrievalExamples, num_queries: int, seed: int | None = 0
+) -> tuple[list[int], list[int]]:
+    """Image rows and caption rows to use as queries: distinct images, one of each image's captions.
+
+    Args:
+        examples: The evaluation examples.
+        num_queries: How many queries per direction (capped at the number of images).
+        seed: Random choice with this seed; ``None`` takes the first images and their first captions.
+
+    Returns:
+        ``(image_rows, caption_rows)``.
+    """
+    if num_queries < 1:
+        raise ValueError(f"num_queries must be positive, got {num_queries}")
+    n_img = examples.image_embeds.shape[0]
+    count = min(num_queries, n_img)
+    generator = np.random.default_rng(seed) if seed is not None else None
+    image_rows = (
+        sorted(generator.choice(n_img, size=count, replace=False).tolist())
+        if generator is not None
+        else list(range(count))
+    )
+    # Caption queries come from other images when there are enough, so the two halves show different scenes.
+    others = [i for i in range(n_img) if i not in image_rows]
+    caption_images = (
+        sorted(generator.choice(others, size=count, replace=False).tolist())
+        if generator is not None and len(others) >= count
+        else image_rows
+    )
+    caption_rows = []
+    owners = examples.caption_image_ids.tolist()
+    for row in caption_images:
+        image_id = int(examples.image_ids[row])
+        candidates = [j for j, owner in enumerate(owners) if owner == image_id]
+        pick = int(generator.integers(len(candidates))) if generator is not None else 0
+        caption_rows.append(candidates[pick])
+    return image_rows, caption_rows
+
+
+def save_figure(figure: Figure, path: str | os.PathLike[str], dpi: int = 100) -> str:
+    """Write a figure as PNG (creating the folder) and return the path."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    figure.savefig(path, format="png", dpi=dpi, bbox_inches="tight")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# From a model and data
+
+
+def _records_of(datamodule: Any, role: str) -> list[Any] | None:
+    getter = getattr(datamodule, "records", None)
+    if getter is None:
+        return None
+    try:
+        return list(getter(role))
+    except (ValueError, KeyError, RuntimeError):
+        return None
+
+
+@torch.no_grad()
+def collect_retrieval_examples(
+    module: DualEncoderModule,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    max_images: int = 32,
+    records: Sequence[Any] | None = None,
+    captions: Sequence[str] | None = None,
+) -> RetrievalExamples:
+    """Encode evaluation batches (as the strategy evaluates) until ``max_images`` images are collected.
+
+    Args:
+        module: The model (put in eval mode by the caller; validation already is).
+        batches: Evaluation-layout batches (``pefttune.data.preprocessing``).
+        max_images: Stop after this many images; the gallery of the picture is these images and their
+            captions only, so ranks in the picture are not the ranks of the full evaluation.
+        records: The split's :class:`~pefttune.data.records.ImageCaptionRecord` list, indexed by the batch's
+            ``image_ids`` (the data module's evaluation ids are record positions): gives the original
+            images and caption strings. Without it, the model inputs are shown (stretched to [0, 1]) and
+            ``captions`` must be given.
+        captions: The split's captions indexed by ``caption_ids``, when ``records`` is not given.
+
+    Returns:
+        The collected :class:`RetrievalExamples`.
+    """
+    from pefttune.data.datasets import load_image
+
+    if records is None and captions is None:
+        raise ValueError("give records (preferred) or captions to draw a retrieval picture")
+    device = module.device
+    image_parts, id_parts, text_parts, owner_parts = [], [], [], []
+    images: list[ImageLike] = []
+    texts: list[str] = []
+    collected = 0
+    for batch in batches:
+        if "labels" in batch or collected >= max_images:
+            break
+        take = min(max_images - collected, batch["image_ids"].shape[0])
+        keep_ids = batch["image_ids"][:take]
+        keep_captions = torch.isin(batch["caption_image_ids"], keep_ids)
+        pixel_values = batch["pixel_values"][:take].to(device)
+        image_embeds = module.strategy.evaluation_image_embeddings(module, pixel_values)
+        text_embeds = module.strategy.evaluation_text_embeddings(
+            module,
+            batch["input_ids"][keep_captions].to(device),
+            batch["attention_mask"][keep_captions].to(device),
+        )
+        image_parts.append(image_embeds.float().cpu())
+        id_parts.append(keep_ids.cpu())
+        text_parts.append(text_embeds.float().cpu())
+        owner_parts.append(batch["caption_image_ids"][keep_captions].cpu())
+        if records is not None:
+            # The evaluation collate lists every image's captions in record order, image after image.
+            kept = [records[int(i)] for i in keep_ids.tolist()]
+            images += [load_image(record.image) for record in kept]
+            texts += [caption for record in kept for caption in record.captions]
+        else:
+            images += list(batch["pixel_values"][:take].cpu())
+            texts += [captions[c] for c in batch["caption_ids"][keep_captions].tolist()]  # type: ignore[index]
+        collected += take
+    if not collected:
+        raise ValueError("no retrieval batch to draw from")
+    return RetrievalExamples(
+        image_embeds=torch.cat(image_parts),
+        image_ids=torch.cat(id_parts),
+        images=images,
+        text_embeds=torch.cat(text_parts),
+        caption_image_ids=torch.cat(owner_parts),
+        captions=texts,
+    )
+
+
+class RetrievalPictureLogger(Callback):
+    """Log a retrieval picture to TensorBoard at the end of every validation.
+
+    The picture shows ``num_queries`` caption queries with their top-``k`` images and ``num_queries`` image
+    queries with their top-``k`` captions, among the first ``max_images`` validation images (a small
+    gallery, so the picture is cheap and readable; its ranks are not the full evaluation's). The queries are
+    the same at every validation (fixed ``seed``), so successive pictures show how retrieval improves. Other
+    loggers than TensorBoard are ignored, as is validation without a logger.
+
+    Add it in a config with ``trainer.callbacks: [{class_path: pefttune.visualize.RetrievalPictureLogger}]``.
+
+    Args:
+        num_queries: Queries per direction.
+        k: Items retrieved per query.
+        max_images: Validation images encoded for the picture.
+        tag: TensorBoard tag of the figure.
+        seed: Seed of the query choice.
+    """
+
+    def __init__(
+        self,
+        num_queries: int = 4,
+        k: int = 5,
+        max_images: int = 32,
+        tag: str = "val/retrieval",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.num_queries = num_queries
+        self.k = k
+        self.max_images = max_images
+        self.tag = tag
+        self.seed = seed
+        self.logged_steps: list[int] = []
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Encode a few validation images and captions, draw, and add the figure to TensorBoard."""
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        experiment = _tensorboard_experiment(trainer)
+        if experiment is None:
+            return
+        loaders = trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        if loader is None:
+            return
+        records = _records_of(trainer.datamodule, "val") if trainer.datamodule is not None else None
+        if records is None:
+            return
+        examples = collect_retrieval_examples(
+            pl_module,  # type: ignore[arg-type]
+            loader,
+            max_images=self.max_images,
+            records=records,
+        )
+        figure = retrieval_figure(examples, num_queries=self.num_queries, k=self.k, seed=self.seed)
+        experiment.add_figure(self.tag, figure, global_step=trainer.global_step, close=False)
+        self.logged_steps.append(trainer.global_step)
+
+
+def _tensorboard_experiment(trainer: Trainer) -> Any:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_datamodule_from_config(config_path: str, overrides: Sequence[str] = ()) -> Any:
+    """Instantiate only the ``data`` section of a fit config."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from pefttune.data import ImageTextDataModule
+
+    with open(config_path, encoding="utf-8") as handle:
+        config = yaml.safe_load(handle) or {}
+    if "data" not in config:
+        raise KeyError(f"{config_path}: no 'data' section (expected data: {{class_path, init_args}})")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(ImageTextDataModule, "data", required=True)
+    parsed = parser.parse_args(["--data", json.dumps(config["data"]), *overrides])
+    return parser.instantiate_classes(parsed).data
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """``python -m pefttune.visualize --config FILE [--ckpt_path CKPT] --output retrieval.png``.
+
+    Builds the model and the data module from a fit config, loads the checkpoint's weights (none: the
+    untrained model), encodes the first ``--max_images`` images of the split, draws and writes the PNG.
+
+    Returns:
+        The path of the PNG.
+    """
+    from lightning.pytorch import seed_everything
+
+    from pefttune.cli import build_model_from_config
+
+    parser = argparse.ArgumentParser(prog="python -m pefttune.visualize", description=main.__doc__)
+    parser.add_argument("--config", "-c", required=True, help="the fit config the model was trained with")
+    parser.add_argument(
+        "--ckpt_path", default=None, help="a Lightning checkpoint; omit for the untrained model"
+    )
+    parser.add_argument("--output", "-o", default="retrieval.png", help="the PNG to write")
+    parser.add_argument("--split", choices=("val", "test"), default="test", help="the evaluation split")
+    parser.add_argument("--num_queries", type=int, default=4, help="queries per direction")
+    parser.add_argument("--k", type=int, default=5, help="items retrieved per query")
+    parser.add_argument("--max_images", type=int, default=64, help="images in the picture's gallery")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the query choice")
+    parser.add_argument(
+        "--strict",
+        type=lambda v: v.lower() in ("1", "true", "yes"),
+        default=True,
+        help="require the checkpoint's keys to match the model exactly (default true)",
+    )
+    options = parser.parse_args(argv)
+
+    with open(options.config, encoding="utf-8") as handle:
+        import yaml
+
+        seed = (yaml.safe_load(handle) or {}).get("seed_everything")
+    if isinstance(seed, int):
+        seed_everything(seed, verbose=False)  # the same random heads as training built, before loading
+    model = build_model_from_config(options.config)
+    if options.ckpt_path:
+        state = torch.load(options.ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+        model.load_state_dict(state, strict=options.strict)
+    model.eval()
+    datamodule = build_datamodule_from_config(options.config)
+    datamodule.attach_preprocessing(model.preprocessing)
+    stage = "test" if options.split == "test" else "validate"
+    datamodule.setup(stage)
+    records = datamodule.records(options.split)
+    model.strategy.on_evaluation_start(model, datamodule.evaluation_texts(stage))
+    loader = datamodule.test_dataloader() if options.split == "test" else datamodule.val_dataloader()
+    examples = collect_retrieval_examples(model, loader, max_images=options.max_images, records=records)
+    figure = retrieval_figure(examples, num_queries=options.num_queries, k=options.k, seed=options.seed)
+    path = save_figure(figure, options.output)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
