@@ -197,7 +197,7 @@ def _image_to_text_ranks(images: Tensor, texts: Tensor, owner: Tensor, chunk_siz
             tied_relevant.scatter_add_(0, rows, (relevant >= best[rows]).long())
             ahead = _count(scores >= best[:, None]) - tied_relevant
         ranks[start:stop] = ahead + 1
-        # Free this chunk's scores before the next matmul allocates its own (halves peak memory).
+        # Free this chunk's scores before the next matmul, so that two blocks never coexist.
         del scores
     return ranks
 
@@ -212,7 +212,7 @@ def _text_to_image_ranks(images: Tensor, texts: Tensor, owner: Tensor, chunk_siz
         # Under the pessimistic rule the relevant image itself satisfies ">=": do not count it.
         ahead = _count(scores > best) if ties == "optimistic" else _count(scores >= best) - 1
         ranks[start:stop] = ahead + 1
-        # Free this chunk's scores before the next matmul allocates its own (halves peak memory).
+        # Free this chunk's scores before the next matmul, so that two blocks never coexist.
         del scores
     return ranks
 

@@ -1,0 +1,89 @@
+"""Helpers shared by the performance scripts: building a shipped config's model, fixed batches, timing."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[2]
+METHODS = ("full", "lit", "duet", "cma", "lora", "apex")
+
+
+def build_model(config: str, image_size: int | None = None):
+    """The ``model`` section of a fit config (real offline weights), optionally at another image size."""
+    from pefttune.cli import build_model_from_config
+
+    overrides = []
+    if image_size is not None:
+        overrides.append(f"--model.init_args.image_tower.init_args.image_size={image_size}")
+    return build_model_from_config(str(REPO / config), overrides)
+
+
+def training_batches(
+    model, batch_size: int, count: int, seed: int = 0, train_images: int = 512
+) -> list[dict]:
+    """``count`` training batches of the generated scenes, preprocessed for ``model``'s towers."""
+    from pefttune.data import ImageTextDataModule
+
+    data = ImageTextDataModule(
+        source="synthetic",
+        batch_size=batch_size,
+        captions_per_image="sample",
+        synthetic_train=max(train_images, batch_size * count),
+        seed=seed,
+    )
+    data.attach_preprocessing(model.preprocessing)
+    data.setup("fit")
+    batches = []
+    for batch in data.train_dataloader():
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    return batches
+
+
+def make_optimizer(model):
+    """The model's optimizer over its strategy's parameter groups (as ``configure_optimizers`` builds it)."""
+    groups = model.strategy.parameter_groups(model)
+    return model.optimizer_factory([{k: v for k, v in g.items() if k != "param_names"} for g in groups])
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (MB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def current_rss_mb() -> float:
+    """Current resident set size of this process (MB)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def machine_line() -> str:
+    """CPU, cores, torch threads and the load average, for the record."""
+    import torch
+
+    load = os.getloadavg()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} "
+        f"threads, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
+    )

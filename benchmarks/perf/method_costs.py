@@ -1,0 +1,136 @@
+"""Peak training memory and step time of every method against full fine-tuning (perf item 4).
+
+Each method's shipped config (``configs/<method>.yaml``: the offline default towers, real weights) is
+built at one image size and trained on the same fixed batches of the generated scenes with the same batch
+size, each method with its own optimizer. Every method runs in a fresh Python process (this script
+re-invoked with ``--worker``), so one method's memory cannot leak into another's reading. Inside it:
+
+* the model is built and the batches are preprocessed; the resident set size then is the *baseline*;
+* ``--warmup`` training steps (forward, loss, backward, optimizer step) are run untimed, then ``--steps``
+  timed ones; the step time is their median;
+* the *training memory* is the peak resident set size (``ru_maxrss``, which includes memory allocated by
+  C++ code) minus the baseline: what training needed beyond holding the model and the data.
+
+The table lists both per method and their ratio to full fine-tuning, measured in the same run.
+
+    python benchmarks/perf/method_costs.py                      # 64 px, batch 32, 6 timed steps
+    python benchmarks/perf/method_costs.py --image-size 96 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from common import (
+    METHODS,
+    build_model,
+    current_rss_mb,
+    machine_line,
+    make_optimizer,
+    median,
+    peak_rss_mb,
+    training_batches,
+)
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    model = build_model(f"configs/{args.worker}.yaml", args.image_size)
+    model.train()
+    batches = training_batches(model, args.batch_size, count=2, seed=0)
+    optimizer = make_optimizer(model)
+    baseline = current_rss_mb()
+    times = []
+    for step in range(args.warmup + args.steps):
+        batch = batches[step % len(batches)]
+        start = time.perf_counter()
+        loss = model.training_step(batch, step)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        if step >= args.warmup:
+            times.append(elapsed)
+    report = model.parameter_report()
+    print(
+        json.dumps(
+            {
+                "method": args.worker,
+                "trainable": report["trainable_params"],
+                "total": report["total_params"],
+                "step_s": median(times),
+                "step_times": times,
+                "baseline_mb": baseline,
+                "peak_mb": peak_rss_mb(),
+                "train_mb": peak_rss_mb() - baseline,
+            }
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    print(machine_line())
+    print(
+        f"image size {args.image_size}, batch {args.batch_size}, "
+        f"median of {args.steps} steps after {args.warmup} untimed"
+    )
+    rows = []
+    for method in args.methods.split(","):
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            method,
+            "--image-size",
+            str(args.image_size),
+            "--batch-size",
+            str(args.batch_size),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ]
+        out = subprocess.run(command, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            print(f"{method}: FAILED\n{out.stderr[-2000:]}")
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(
+            f"  measured {method}: {rows[-1]['step_s']:.3f} s/step, +{rows[-1]['train_mb']:.0f} MB",
+            flush=True,
+        )
+    full = next((r for r in rows if r["method"] == "full"), None)
+    print()
+    print(
+        "| method | trainable params | step time (s) | vs full | training memory (MB) | vs full "
+        "| peak RSS (MB) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        time_ratio = f"{r['step_s'] / full['step_s']:.2f}x" if full else "n/a"
+        mem_ratio = f"{r['train_mb'] / full['train_mb']:.2f}x" if full else "n/a"
+        print(
+            f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.3f} | {time_ratio} "
+            f"| {r['train_mb']:.0f} | {mem_ratio} | {r['peak_mb']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

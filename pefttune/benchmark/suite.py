@@ -1,0 +1,242 @@
+"""Benchmark suites: which datasets, methods and seeds to run, each run a shipped config plus a small diff.
+
+A suite is a YAML file::
+
+    name: offline
+    output: runs/benchmarks/offline      # results, logs and tables go here (``--output`` overrides)
+    seeds: [0, 1, 2]
+    variables:                           # defaults of {name} placeholders; ``--var name=value`` overrides
+      data_root: ../shared/data/ucm_captions
+    overrides:                           # every run (LightningCLI dotted keys)
+      trainer.max_epochs: 2
+      seed_everything: "{seed}"
+    datasets:
+      ucm:
+        configs: []                      # extra config files composed after the method's config
+        overrides:
+          data.init_args.source: "{data_root}/captions.json"
+    methods:
+      full:
+        config: configs/full.yaml
+        overrides:
+          data.init_args.batch_size: 32
+
+The overrides of a run are, in order, the suite's, the dataset's, the method's and those given with
+``pefttune sweep --set KEY=VALUE`` (later keys win).
+String values are formatted with the variables plus ``seed``, ``dataset`` and ``method``; a value that is
+exactly one placeholder (``"{seed}"``) keeps the type of what it stands for. When no override sets
+``seed_everything``, the run's seed is passed as ``--seed_everything``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_PLACEHOLDER = re.compile(r"^\{(\w+)\}$")
+
+
+class SuiteError(ValueError):
+    """A suite file is malformed or a placeholder has no value."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep: a method's config on a dataset with a seed.
+
+    Attributes:
+        dataset: The dataset's name in the suite.
+        method: The method's name in the suite.
+        seed: The seed (``seed_everything``).
+        configs: Config files in composition order (the method's first).
+        overrides: Resolved dotted overrides, in order.
+    """
+
+    dataset: str
+    method: str
+    seed: int
+    configs: tuple[str, ...]
+    overrides: tuple[tuple[str, Any], ...]
+
+    @property
+    def run_id(self) -> str:
+        """``dataset/method/seed<seed>``: unique within a suite, used for folder and file names."""
+        return f"{self.dataset}/{self.method}/seed{self.seed}"
+
+    @property
+    def slug(self) -> str:
+        """The run id as one file name."""
+        return self.run_id.replace("/", "__")
+
+    def override_config(self) -> dict[str, Any]:
+        """The overrides as one nested config (``a.b.c: v`` -> ``{a: {b: {c: v}}}``).
+
+        The sweep passes it as the last ``--config`` rather than as dotted command-line arguments:
+        jsonargparse merges a config's ``init_args`` into the earlier config's class, and parses YAML
+        values (``null`` included) the same way as in the shipped configs.
+        """
+        nested: dict[str, Any] = {}
+        for key, value in self.overrides:
+            node = nested
+            parts = key.split(".")
+            for part in parts[:-1]:
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    raise SuiteError(
+                        f"{self.run_id}: override {key!r} goes inside {part!r}, which is a value"
+                    )
+                node = child
+            if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
+                raise SuiteError(f"{self.run_id}: override {key!r} replaces keys set by other overrides")
+            node[parts[-1]] = value
+        return nested
+
+    def cli_args(self, override_file: str) -> list[str]:
+        """The ``pefttune fit`` config arguments: the run's configs, then ``override_file``.
+
+        ``override_file`` holds :meth:`override_config`.
+        """
+        args: list[str] = []
+        for config in (*self.configs, override_file):
+            args += ["--config", config]
+        return args
+
+
+def _substitute(value: Any, variables: Mapping[str, Any], where: str) -> Any:
+    if isinstance(value, str):
+        whole = _PLACEHOLDER.match(value)
+        if whole and whole.group(1) in variables:
+            return variables[whole.group(1)]
+        try:
+            return value.format(**variables)
+        except KeyError as err:
+            raise SuiteError(f"{where}: no value for placeholder {{{err.args[0]}}} (pass --var)") from None
+    if isinstance(value, list):
+        return [_substitute(v, variables, where) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, variables, where) for k, v in value.items()}
+    return value
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SuiteError(f"{where} must be a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+@dataclass
+class Suite:
+    """A parsed suite file (see the module docstring for the format).
+
+    Attributes:
+        name: The suite's name.
+        datasets: Dataset name -> ``{"configs": [...], "overrides": {...}}``.
+        methods: Method name -> ``{"config": path, "overrides": {...}}``.
+        seeds: The seeds every (dataset, method) pair runs with.
+        overrides: Overrides of every run.
+        variables: Placeholder values.
+        output: Default output folder.
+        path: The file it was read from.
+        extra_overrides: Applied after everything else (``pefttune sweep --set``).
+    """
+
+    name: str
+    datasets: dict[str, dict[str, Any]]
+    methods: dict[str, dict[str, Any]]
+    seeds: list[int]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    variables: dict[str, Any] = field(default_factory=dict)
+    output: str | None = None
+    path: str | None = None
+    extra_overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Suite:
+        """Read and check a suite file."""
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle) or {}
+        return cls.from_dict(raw, path=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], path: str | None = None) -> Suite:
+        """Check a suite given as a dict."""
+        where = path or "suite"
+        unknown = set(raw) - {"name", "output", "seeds", "variables", "overrides", "datasets", "methods"}
+        if unknown:
+            raise SuiteError(f"{where}: unknown keys {sorted(unknown)}")
+        methods = _mapping(raw.get("methods"), f"{where}: methods")
+        if not methods:
+            raise SuiteError(f"{where}: no methods")
+        for name, spec in methods.items():
+            spec = _mapping(spec, f"{where}: methods.{name}")
+            if "config" not in spec:
+                raise SuiteError(f"{where}: methods.{name} has no 'config'")
+            spec["overrides"] = _mapping(spec.get("overrides"), f"{where}: methods.{name}.overrides")
+            methods[name] = spec
+        datasets = _mapping(raw.get("datasets"), f"{where}: datasets") or {"default": {}}
+        for name, spec in datasets.items():
+            spec = _mapping(spec, f"{where}: datasets.{name}")
+            spec["configs"] = list(spec.get("configs") or [])
+            spec["overrides"] = _mapping(spec.get("overrides"), f"{where}: datasets.{name}.overrides")
+            datasets[name] = spec
+        seeds = raw.get("seeds", [0])
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+            raise SuiteError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
+        return cls(
+            name=str(raw.get("name") or Path(where).stem),
+            datasets=datasets,
+            methods=methods,
+            seeds=list(seeds),
+            overrides=_mapping(raw.get("overrides"), f"{where}: overrides"),
+            variables=_mapping(raw.get("variables"), f"{where}: variables"),
+            output=raw.get("output"),
+            path=path,
+        )
+
+    def runs(
+        self,
+        variables: Mapping[str, Any] | None = None,
+        methods: Sequence[str] | None = None,
+        datasets: Sequence[str] | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[RunSpec]:
+        """Every run of the suite (dataset-major, then method, then seed), optionally a subset.
+
+        Args:
+            variables: Placeholder values overriding the suite's defaults.
+            methods: Only these methods (suite order kept).
+            datasets: Only these datasets.
+            seeds: These seeds instead of the suite's.
+        """
+        for kind, wanted, known in (("method", methods, self.methods), ("dataset", datasets, self.datasets)):
+            missing = sorted(set(wanted or ()) - set(known))
+            if missing:
+                raise SuiteError(f"unknown {kind}(s) {missing}; the suite has {sorted(known)}")
+        values = {**self.variables, **(variables or {})}
+        runs = []
+        for dataset, dspec in self.datasets.items():
+            if datasets and dataset not in datasets:
+                continue
+            for method, mspec in self.methods.items():
+                if methods and method not in methods:
+                    continue
+                for seed in seeds if seeds is not None else self.seeds:
+                    context = {**values, "seed": seed, "dataset": dataset, "method": method}
+                    where = f"{self.path or 'suite'} ({dataset}/{method})"
+                    merged: dict[str, Any] = {}
+                    layers = (self.overrides, dspec["overrides"], mspec["overrides"], self.extra_overrides)
+                    for layer in layers:
+                        merged.update(layer)
+                    merged.setdefault("seed_everything", seed)
+                    resolved = tuple((k, _substitute(v, context, where)) for k, v in merged.items())
+                    configs = (mspec["config"], *dspec["configs"])
+                    configs = tuple(str(_substitute(c, context, where)) for c in configs)
+                    runs.append(RunSpec(dataset, method, int(seed), configs, resolved))
+        return runs

@@ -1,0 +1,341 @@
+"""``pefttune sweep``: run a benchmark suite, one process per run, then aggregate the results.
+
+Every run is ``python -m pefttune.cli fit`` in its own process (so memory, DDP and global state start
+clean) with the run's configs and overrides, its own ``--trainer.default_root_dir`` and a
+:class:`~pefttune.benchmark.recorder.BenchmarkRecorder` added to the trainer's callbacks. When the process
+succeeds, the recorder's measurements, the resolved config, the command, the package versions and the
+machine are written to ``<output>/results/<dataset>__<method>__seed<seed>.json``. A run whose result file
+exists is skipped, so an interrupted sweep resumes where it stopped; a failed run leaves no result file (it
+is retried next time) and its log is kept under ``<output>/runs/<run id>/log.txt``.
+
+After the runs, :func:`pefttune.benchmark.aggregate.write_reports` writes ``results.csv``, ``results.md``
+and the plots to ``<output>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pefttune.benchmark.suite import RunSpec, Suite, SuiteError
+
+RESULT_SCHEMA = 1
+OVERRIDES_FILE = "overrides.yaml"
+PACKAGES = ("pefttune", "torch", "torchvision", "lightning", "transformers", "timm", "peft", "torchmetrics")
+
+
+def package_versions(packages: Sequence[str] = PACKAGES) -> dict[str, str | None]:
+    """Installed versions of the packages a result depends on (None when absent), and Python's."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on: CPU, cores, memory, accelerator and load at the time."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        info["load_average"] = list(os.getloadavg())
+    except OSError:
+        info["load_average"] = None
+    try:
+        import psutil
+
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        info["memory_gb"] = None
+    try:
+        import torch
+
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        info["cuda"] = None
+    return info
+
+
+def result_path(output: Path, run: RunSpec) -> Path:
+    """Where a run's result JSON lives."""
+    return output / "results" / f"{run.slug}.json"
+
+
+def run_dir(output: Path, run: RunSpec) -> Path:
+    """The run's ``default_root_dir`` (logs, checkpoints, the saved config and the process log)."""
+    return output / "runs" / run.run_id
+
+
+def fit_command(run: RunSpec, directory: Path, python: str = sys.executable) -> list[str]:
+    """The command line of one run: ``pefttune fit`` with the recorder as an extra callback.
+
+    The run's overrides are read from ``<directory>/overrides.yaml`` (see :func:`write_overrides`).
+    """
+    recorder = {
+        "class_path": "pefttune.benchmark.recorder.BenchmarkRecorder",
+        "init_args": {"path": str(directory / "recorder.json")},
+    }
+    return [
+        python,
+        "-m",
+        "pefttune.cli",
+        "fit",
+        *run.cli_args(str(directory / OVERRIDES_FILE)),
+        f"--trainer.default_root_dir={directory}",
+        f"--trainer.callbacks+={json.dumps(recorder)}",
+    ]
+
+
+def write_overrides(run: RunSpec, directory: Path) -> Path:
+    """Write the run's overrides as the nested config its command composes last."""
+    path = directory / OVERRIDES_FILE
+    header = f"# {run.run_id}: overrides of {', '.join(run.configs)} (written by pefttune sweep)\n"
+    path.write_text(header + yaml.safe_dump(run.override_config(), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _resolved_config(directory: Path) -> dict[str, Any] | None:
+    # LightningCLI saves the full resolved config next to the logger's files.
+    saved = sorted(directory.rglob("config.yaml"), key=lambda p: p.stat().st_mtime)
+    if not saved:
+        return None
+    with open(saved[-1], encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def execute_run(
+    run: RunSpec,
+    output: Path,
+    python: str = sys.executable,
+    keep_checkpoints: bool = False,
+    suite_name: str | None = None,
+    echo: bool = False,
+) -> dict[str, Any]:
+    """Run one configuration in a fresh process and write its result file.
+
+    Args:
+        run: The run.
+        output: The sweep's output folder.
+        python: The interpreter that runs ``pefttune.cli``.
+        keep_checkpoints: Keep the run's checkpoints (by default they are deleted once the result is
+            written: a sweep of many full fine-tunings would otherwise fill the disk).
+        suite_name: Recorded in the result.
+        echo: Stream the run's output to this process's stdout as well as the log file.
+
+    Returns:
+        The result dict (``status`` is ``"ok"``), also written to :func:`result_path`.
+
+    Raises:
+        RuntimeError: If the process fails; its log file is named.
+    """
+    directory = run_dir(output, run)
+    if directory.exists():
+        # Leftovers of an interrupted attempt: stale checkpoints and logger versions must not leak in.
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    write_overrides(run, directory)
+    command = fit_command(run, directory, python)
+    log_file = directory / "log.txt"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    with open(log_file, "w", encoding="utf-8") as log:
+        log.write(" ".join(command) + "\n\n")
+        log.flush()
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.write(line)
+            if echo:
+                sys.stdout.write(line)
+        code = process.wait()
+    wall = time.perf_counter() - started
+    recorded_path = directory / "recorder.json"
+    if code != 0 or not recorded_path.exists():
+        with open(log_file, encoding="utf-8") as handle:
+            tail = "".join(handle.readlines()[-15:])
+        raise RuntimeError(f"run {run.run_id} failed (exit code {code}); log: {log_file}\n{tail}")
+    recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+    result = {
+        "schema": RESULT_SCHEMA,
+        "status": "ok",
+        "suite": suite_name,
+        "run_id": run.run_id,
+        "dataset": run.dataset,
+        "method": run.method,
+        "seed": run.seed,
+        "configs": list(run.configs),
+        "overrides": dict(run.overrides),
+        "command": command,
+        "wall_time_s": wall,
+        **recorded,
+        "config": _resolved_config(directory),
+        "versions": package_versions(),
+        "machine": machine_info(),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if not keep_checkpoints:
+        for checkpoint in directory.rglob("*.ckpt"):
+            checkpoint.unlink()
+    path = result_path(output, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    # Written last and atomically: a result file exists only for a run that finished.
+    os.replace(tmp, path)
+    return result
+
+
+def run_sweep(
+    suite: Suite,
+    output: Path,
+    variables: dict[str, Any] | None = None,
+    methods: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    python: str = sys.executable,
+    keep_checkpoints: bool = False,
+    echo: bool = False,
+    stop_on_error: bool = False,
+) -> dict[str, list[str]]:
+    """Run every run of ``suite`` that has no result file yet.
+
+    Returns:
+        Run ids by outcome: ``done`` (ran now), ``skipped`` (result file existed), ``failed``.
+    """
+    runs = suite.runs(variables, methods=methods, datasets=datasets, seeds=seeds)
+    outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
+    for number, run in enumerate(runs, 1):
+        prefix = f"[{number}/{len(runs)}] {run.run_id}"
+        if result_path(output, run).exists():
+            print(f"{prefix}: result exists, skipped", flush=True)
+            outcome["skipped"].append(run.run_id)
+            continue
+        print(f"{prefix}: running", flush=True)
+        try:
+            result = execute_run(run, output, python, keep_checkpoints, suite.name, echo)
+        except RuntimeError as err:
+            print(f"{prefix}: FAILED\n{err}", flush=True)
+            outcome["failed"].append(run.run_id)
+            if stop_on_error:
+                break
+            continue
+        metrics = result.get("metrics", {})
+        rsum = metrics.get("test/rsum")
+        print(
+            f"{prefix}: done in {result['wall_time_s']:.0f} s"
+            + (f", test RSUM {rsum:.1f}" if rsum is not None else ""),
+            flush=True,
+        )
+        outcome["done"].append(run.run_id)
+    return outcome
+
+
+def _parse_variables(pairs: Sequence[str], option: str = "--var") -> dict[str, Any]:
+    variables = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SuiteError(f"{option} expects NAME=VALUE, got {pair!r}")
+        name, value = pair.split("=", 1)
+        variables[name] = yaml.safe_load(value) if value else ""
+    return variables
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v for v in value.split(",") if v] if value else None
+
+
+def sweep_main(argv: Sequence[str]) -> dict[str, list[str]]:
+    """``pefttune sweep --config SUITE [--output DIR] [--var NAME=VALUE] ...``: run a suite, then aggregate.
+
+    Exits with status 1 when a run failed (after running and aggregating the others).
+    """
+    parser = argparse.ArgumentParser(prog="pefttune sweep", description=sweep_main.__doc__)
+    parser.add_argument("--config", "-c", required=True, help="a suite file (benchmarks/*.yaml)")
+    parser.add_argument("--output", "-o", help="output folder (default: the suite's 'output')")
+    parser.add_argument("--var", action="append", default=[], help="NAME=VALUE for a {NAME} placeholder")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra override of every run (dotted key, YAML value), after the suite's own",
+    )
+    parser.add_argument("--methods", help="comma-separated subset of the suite's methods")
+    parser.add_argument("--datasets", help="comma-separated subset of the suite's datasets")
+    parser.add_argument("--seeds", help="comma-separated seeds instead of the suite's")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--aggregate-only", action="store_true", help="only rebuild tables and plots")
+    parser.add_argument("--no-aggregate", action="store_true", help="skip tables and plots")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints")
+    parser.add_argument("--stop-on-error", action="store_true", help="stop at the first failed run")
+    parser.add_argument("--echo", action="store_true", help="stream each run's output here too")
+    parser.add_argument("--python", default=sys.executable, help="interpreter of the runs")
+    options = parser.parse_args(list(argv))
+
+    suite = Suite.from_file(options.config)
+    # Command-line overrides come last, so they win over the suite's, the datasets' and the methods'.
+    suite.extra_overrides = _parse_variables(options.set, "--set")
+    output_name = options.output or suite.output or f"runs/benchmarks/{suite.name}"
+    output = Path(output_name).resolve()
+    seeds = [int(s) for s in _split(options.seeds)] if options.seeds else None
+    variables = _parse_variables(options.var)
+    methods, datasets = _split(options.methods), _split(options.datasets)
+
+    if options.dry_run:
+        for run in suite.runs(variables, methods=methods, datasets=datasets, seeds=seeds):
+            state = "exists" if result_path(output, run).exists() else "to run"
+            command = fit_command(run, run_dir(output, run), options.python)
+            overrides = yaml.safe_dump(run.override_config(), sort_keys=False)
+            print(f"# {run.run_id} ({state})\n" + " ".join(command))
+            print(f"# with {run_dir(output, run) / OVERRIDES_FILE}:\n" + overrides)
+        return {"done": [], "skipped": [], "failed": []}
+
+    outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
+    if not options.aggregate_only:
+        outcome = run_sweep(
+            suite,
+            output,
+            variables,
+            methods=methods,
+            datasets=datasets,
+            seeds=seeds,
+            python=options.python,
+            keep_checkpoints=options.keep_checkpoints,
+            echo=options.echo,
+            stop_on_error=options.stop_on_error,
+        )
+        print(
+            f"sweep {suite.name}: {len(outcome['done'])} ran, {len(outcome['skipped'])} skipped, "
+            f"{len(outcome['failed'])} failed",
+            flush=True,
+        )
+    if not options.no_aggregate:
+        from pefttune.benchmark.aggregate import write_reports
+
+        written = write_reports(output, title=suite.name)
+        for path in written:
+            print(f"wrote {path}")
+    if outcome["failed"]:
+        raise SystemExit(1)
+    return outcome

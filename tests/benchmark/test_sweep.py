@@ -1,0 +1,194 @@
+"""End to end: a tiny sweep (2 methods x 2 seeds, one process per run), resume, failure, reports."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pefttune.benchmark.sweep import sweep_main
+
+TINY_CONFIG = {
+    "seed_everything": 0,
+    "trainer": {"max_epochs": 1, "precision": "32-true", "num_sanity_val_steps": 0},
+    "model": {
+        "class_path": "pefttune.module.DualEncoderModule",
+        "init_args": {
+            "image_tower": {
+                "class_path": "pefttune.towers.TimmImageTower",
+                "init_args": {
+                    "model_name": "test_vit",
+                    "pretrained": False,
+                    "embed_dim": 24,
+                    "image_size": 32,
+                },
+            },
+            "text_tower": {
+                "class_path": "pefttune.towers.HFTextTower",
+                "init_args": {
+                    "model_name": "pefttune/tiny-bert",
+                    "pretrained": False,
+                    "embed_dim": 24,
+                    "max_length": 16,
+                },
+            },
+            "strategy": {"class_path": "pefttune.strategies.full.FullFineTune"},
+        },
+    },
+    "data": {
+        "class_path": "pefttune.data.ImageTextDataModule",
+        "init_args": {"source": "synthetic", "batch_size": 8},
+    },
+}
+
+
+def _suite(tmp: Path) -> Path:
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_CONFIG))
+    suite = {
+        "name": "tiny",
+        "seeds": [0, 1],
+        "overrides": {
+            "trainer.max_steps": 2,
+            "trainer.enable_progress_bar": False,
+            "trainer.enable_model_summary": False,
+            "data.init_args.synthetic_train": 16,
+            "data.init_args.synthetic_val": 8,
+            "data.init_args.synthetic_test": 8,
+            "data.init_args.synthetic_image_size": 32,
+            "data.init_args.seed": "{seed}",
+        },
+        "datasets": {"synthetic": {}},
+        "methods": {
+            "full": {"config": str(config)},
+            # LiT: the locked ViT's own 64-wide features, a new 64-wide text head.
+            "lit": {
+                "config": str(config),
+                "overrides": {
+                    "model.init_args.strategy": "pefttune.strategies.lit.LiT",
+                    "model.init_args.image_tower.init_args.embed_dim": None,
+                    "model.init_args.text_tower.init_args.embed_dim": 64,
+                },
+            },
+            "broken": {"config": str(config), "overrides": {"model.init_args.no_such_argument": 1}},
+        },
+    }
+    path = tmp / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Seed 0 of both methods, then the whole suite (seed 0 must be skipped, seed 1 run)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    suite, output = _suite(tmp), tmp / "out"
+    common = [
+        "--config",
+        str(suite),
+        "--output",
+        str(output),
+        "--methods",
+        "full,lit",
+        "--python",
+        sys.executable,
+    ]
+    first = sweep_main([*common, "--seeds", "0"])
+    seed0 = output / "results" / "synthetic__full__seed0.json"
+    stamp = seed0.stat().st_mtime_ns
+    second = sweep_main(common)
+    return {"suite": suite, "output": output, "first": first, "second": second, "seed0_stamp": stamp}
+
+
+def test_sweep_runs_each_run_once_and_resumes(sweep):
+    assert sweep["first"] == {
+        "done": ["synthetic/full/seed0", "synthetic/lit/seed0"],
+        "skipped": [],
+        "failed": [],
+    }
+    assert sweep["second"]["skipped"] == ["synthetic/full/seed0", "synthetic/lit/seed0"]
+    assert sweep["second"]["done"] == ["synthetic/full/seed1", "synthetic/lit/seed1"]
+    assert (sweep["output"] / "results" / "synthetic__full__seed0.json").stat().st_mtime_ns == sweep[
+        "seed0_stamp"
+    ]
+
+
+def test_result_file_holds_metrics_parameters_cost_config_and_versions(sweep):
+    results = sweep["output"] / "results"
+    full = json.loads((results / "synthetic__full__seed1.json").read_text())
+    lit = json.loads((results / "synthetic__lit__seed1.json").read_text())
+    for result in (full, lit):
+        assert result["status"] == "ok" and result["seed"] == 1
+        for key in ("test/i2t_R@1", "test/t2i_R@1", "test/rsum"):
+            assert 0 <= result["metrics"][key] <= (600 if key == "test/rsum" else 100)
+        assert result["throughput"]["train_samples_per_s"] > 0
+        assert result["throughput"]["eval_images"] == 8 and result["throughput"]["eval_captions"] == 40
+        assert result["memory"]["device"] == "cpu" and result["memory"]["peak_rss_mb"] > 50
+        assert result["wall_time_s"] > 0 and result["versions"]["torch"]
+        assert [step for step, _ in result["curves"]["train_loss"]] == [1, 2]
+        # The resolved config saved by LightningCLI, with the run's overrides applied.
+        assert result["config"]["trainer"]["max_steps"] == 2
+        assert result["config"]["data"]["init_args"]["seed"] == 1
+        assert not list((sweep["output"] / "runs").rglob("*.ckpt"))
+    assert full["parameters"]["trainable_params"] == full["parameters"]["total_params"]
+    groups = lit["parameters"]["trainable_by_group"]
+    assert lit["parameters"]["trainable_by_tower"]["image"] == 0
+    assert groups["head"] == 32 * 64 and groups["temperature"] == 1  # a bias-free 32 -> 64 text head
+    assert full["config"]["model"]["init_args"]["strategy"]["class_path"].endswith("FullFineTune")
+    assert lit["config"]["model"]["init_args"]["strategy"]["class_path"].endswith("LiT")
+
+
+def test_reports_aggregate_two_seeds(sweep):
+    output = sweep["output"]
+    with open(output / "results.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"full", "lit"}
+    values = [
+        json.loads((output / "results" / f"synthetic__full__seed{s}.json").read_text())["metrics"][
+            "test/rsum"
+        ]
+        for s in (0, 1)
+    ]
+    assert rows["full"]["n_seeds"] == "2" and rows["full"]["seeds"] == "0 1"
+    assert float(rows["full"]["test/rsum_mean"]) == pytest.approx(sum(values) / 2)
+    # Two seeds: t_{0.975, 1} * |a - b| / sqrt(2) / sqrt(2) = 12.706 * |a - b| / 2.
+    assert float(rows["full"]["test/rsum_ci95"]) == pytest.approx(
+        12.7062 * abs(values[0] - values[1]) / 2, rel=1e-4
+    )
+    markdown = (output / "results.md").read_text()
+    assert "| lit |" in markdown and "| full |" in markdown
+    for name in ("retrieval_vs_params.png", "training_curves.png"):
+        assert (output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failed_run_leaves_no_result_and_exits_nonzero(sweep):
+    output = sweep["output"]
+    with pytest.raises(SystemExit) as exit_info:
+        sweep_main(
+            [
+                "--config",
+                str(sweep["suite"]),
+                "--output",
+                str(output),
+                "--methods",
+                "broken",
+                "--seeds",
+                "0",
+                "--no-aggregate",
+            ]
+        )
+    assert exit_info.value.code == 1
+    assert not (output / "results" / "synthetic__broken__seed0.json").exists()
+    log = (output / "runs" / "synthetic" / "broken" / "seed0" / "log.txt").read_text()
+    assert "no_such_argument" in log
+
+
+def test_dry_run_prints_commands_and_runs_nothing(sweep, capsys, tmp_path):
+    sweep_main(["--config", str(sweep["suite"]), "--output", str(tmp_path), "--dry-run", "--methods", "lit"])
+    out = capsys.readouterr().out
+    assert out.count("pefttune.cli fit") == 2
+    assert out.count("embed_dim: null") == 2 and "strategy: pefttune.strategies.lit.LiT" in out
+    assert "seed: 1" in out and "BenchmarkRecorder" in out
+    assert not (tmp_path / "results").exists()
