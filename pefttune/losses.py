@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F  # noqa: N812 (the PyTorch idiom)
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [

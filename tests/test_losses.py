@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812 (the PyTorch idiom)
+import torch.nn.functional as F
 
 from pefttune.losses import (
     ContrastiveLoss,

@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F  # noqa: N812 (the PyTorch idiom)
+import torch.nn.functional as F
 from torch import nn
 
 from pefttune.losses import (
