@@ -13,7 +13,8 @@ import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from pefttune.callbacks import EmbeddingWriter
+from pefttune.callbacks import AdapterCheckpoint, EmbeddingWriter, ExactResume
+from pefttune.checkpointing import load_adapter
 from pefttune.data.datamodule import ImageTextDataModule
 from pefttune.module import DualEncoderModule
 from pefttune.towers.base import architecture_only
@@ -24,7 +25,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 class PefttuneCLI(LightningCLI):
     """LightningCLI with pefttune's defaults.
 
-    * Callbacks: the best (by ``val/rsum``) and last checkpoints, and a learning-rate monitor when logging.
+    * Callbacks: the best (by ``val/rsum``) and last checkpoints, adapter-only ``adapter-last.pt`` and
+      ``adapter-best.pt`` next to them (:class:`~pefttune.callbacks.AdapterCheckpoint`), exact resume
+      (:class:`~pefttune.callbacks.ExactResume`) and a learning-rate monitor when logging.
+    * ``validate|test|predict --adapter_path FILE``: load an adapter-only checkpoint into the model built
+      from the config before running.
     * ``fit`` ends with a test of the best checkpoint (``--test_after_fit false`` to skip), so one command
       trains and prints test retrieval.
     """
@@ -44,15 +49,45 @@ class PefttuneCLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="after fit, test the best checkpoint"
         )
+        parser.add_argument(
+            "--adapter_path",
+            type=str | None,
+            default=None,
+            help="validate/test/predict: an adapter-only checkpoint to load into the model of the config",
+        )
+
+    def _add_default_callbacks(self) -> None:
+        callbacks = self.trainer.callbacks
+        if not any(isinstance(c, ExactResume) for c in callbacks):
+            callbacks.append(ExactResume())
+        if self.trainer.checkpoint_callback is not None and not any(
+            isinstance(c, AdapterCheckpoint) for c in callbacks
+        ):
+            callbacks.append(AdapterCheckpoint())
+
+    def _load_adapter(self) -> None:
+        path = self.config[self.subcommand].get("adapter_path")
+        if path:
+            load_adapter(self.model, path)
+
+    def before_validate(self) -> None:
+        """Load ``--adapter_path`` when given."""
+        self._load_adapter()
+
+    def before_test(self) -> None:
+        """Load ``--adapter_path`` when given."""
+        self._load_adapter()
 
     def before_fit(self) -> None:
-        """Log learning rates per step when there is a logger to log to."""
+        """Exact resume and adapter checkpoints; log learning rates per step when there is a logger."""
+        self._add_default_callbacks()
         has_monitor = any(isinstance(c, LearningRateMonitor) for c in self.trainer.callbacks)
         if self.trainer.logger is not None and not has_monitor:
             self.trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
 
     def before_predict(self) -> None:
-        """Make sure predictions are written to a file (``embeddings.pt`` in the log directory by default)."""
+        """Load ``--adapter_path``; write predictions to a file (``embeddings.pt`` in the log directory)."""
+        self._load_adapter()
         if not any(isinstance(c, EmbeddingWriter) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(EmbeddingWriter())
 

@@ -679,13 +679,21 @@ class EvalCollate:
 
 
 class EpochDataLoader(DataLoader):
-    """A DataLoader that tells its dataset the epoch before every pass.
+    """A DataLoader that tells its dataset the epoch before every pass, and resumes mid-epoch.
 
     Lightning calls ``set_epoch`` only on samplers; the caption draw of :class:`PairDataset` and the shard
     order of :class:`WebDatasetStream` live in the dataset, so this loader calls ``dataset.set_epoch`` in
     ``__iter__`` (in the main process, before workers prefetch). With ``shuffle_seed`` it also reseeds its
     ``generator`` from ``(shuffle_seed, epoch)``, making the shuffle of each epoch reproducible, resumes
     included. Lightning can rebuild it with a ``DistributedSampler``: its extra arguments are attributes.
+
+    Mid-epoch resume: the loader is stateful (``state_dict``/``load_state_dict``), so Lightning stores in
+    every checkpoint the epoch and how many batches of it the training steps consumed, and hands them back
+    on resume. The next pass over that epoch then skips those batches at the sampler (indices are drawn,
+    no item is loaded), so a resumed map-style epoch continues with exactly the batches the uninterrupted
+    run would have seen. A stream (:class:`WebDatasetStream`) has no index to skip: a resumed epoch starts a
+    fresh pass with that epoch's shuffle and Lightning stops it after the remaining number of batches, so
+    resuming a stream mid-epoch is approximate.
 
     Args:
         dataset: The dataset.
@@ -694,6 +702,11 @@ class EpochDataLoader(DataLoader):
         shuffle_seed: Seed for the per-epoch shuffle; needs ``generator`` (made when missing).
         **kwargs: Passed to :class:`torch.utils.data.DataLoader`.
     """
+
+    #: Batches Lightning's training data fetcher has taken from the loader beyond the step being run when a
+    #: checkpoint is written: none for a loader with a length (Lightning 2.6 knows the last batch from the
+    #: length and fetches each batch when its step starts).
+    lookahead: int = 0
 
     def __init__(
         self,
@@ -709,9 +722,22 @@ class EpochDataLoader(DataLoader):
         self.epoch_source = epoch_source
         self.shuffle_seed = shuffle_seed
         self._passes = 0
+        self._epoch: int | None = None
+        self._yielded = 0
+        self._exhausted = False
+        self._skip = 0
+        self._resume: dict[str, int] | None = None
 
     def __iter__(self) -> Any:
-        """Set the epoch on the dataset (and the shuffle generator), then iterate."""
+        """Set the epoch on the dataset (and the shuffle generator), then iterate (resumed if restored).
+
+        The work is done when the first batch is asked for, not when the iterator is made: Lightning makes
+        the training iterator early (when the optimizer setup asks for the number of steps), before a
+        resumed run has restored its epoch and this loader's state.
+        """
+        return self._lazy()
+
+    def _lazy(self) -> Iterator[Any]:
         epoch = self.epoch_source() if self.epoch_source is not None else None
         if epoch is None:
             epoch = self._passes
@@ -721,4 +747,52 @@ class EpochDataLoader(DataLoader):
             set_epoch(epoch)
         if self.shuffle_seed is not None and self.generator is not None:
             self.generator.manual_seed(stable_id(f"shuffle\x00{self.shuffle_seed}\x00{epoch}"))
-        return super().__iter__()
+        resume, self._resume = self._resume, None
+        skip = 0
+        resumable = not isinstance(self.dataset, IterableDataset)
+        if resume is not None and resumable and resume.get("epoch") == epoch:
+            skip = max(0, int(resume.get("batches", 0)))
+            if skip >= len(self):
+                skip = 0  # the epoch had ended; Lightning starts the next one
+        self._epoch, self._yielded, self._exhausted, self._skip = epoch, skip, False, skip
+        iterator = super().__iter__()
+        self._skip = 0  # the sampler iterator was created (and advanced) above
+        yield from self._counted(iterator)
+
+    def _counted(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        for batch in iterator:
+            self._yielded += 1
+            yield batch
+        self._exhausted = True
+
+    @property
+    def _index_sampler(self) -> Any:
+        # DataLoader draws its (batch) indices from here when it creates an iterator (and when persistent
+        # workers reset); skipping there drops the consumed batches without loading their items.
+        sampler = super()._index_sampler
+        return _SkipFirst(sampler, self._skip) if self._skip else sampler
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and the number of its batches the training steps consumed (read by Lightning)."""
+        if self._epoch is None:
+            return {}
+        consumed = self._yielded if self._exhausted else max(0, self._yielded - self.lookahead)
+        return {"epoch": int(self._epoch), "batches": int(consumed)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume the next pass over ``state_dict["epoch"]`` after its first ``state_dict["batches"]``."""
+        self._resume = dict(state_dict) if state_dict else None
+
+
+class _SkipFirst:
+    """An iterable over ``source`` without its first ``count`` elements (with the source's length)."""
+
+    def __init__(self, source: Any, count: int) -> None:
+        self.source = source
+        self.count = count
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.source), self.count, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.source) - self.count)

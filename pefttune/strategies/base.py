@@ -204,6 +204,12 @@ class AdaptationStrategy(nn.Module, abc.ABC):
     def adapter_state_keys(self, module: nn.Module) -> list[str]:
         """State-dict keys an adapter-only checkpoint keeps: trainable parameters and prefixed buffers."""
         trainable = {n for n, _ in self.named_trainable(module)}
+        # A norm whose affine parameters train may also update running statistics (BatchNorm in train
+        # mode): its buffers belong with them, or the adapter would not reproduce the trained model.
+        for name, submodule in module.named_modules():
+            trains = any(p.requires_grad for p in submodule.parameters(recurse=False))
+            if isinstance(submodule, _NORM_TYPES) and trains:
+                trainable.update(f"{name}.{b}" for b, _ in submodule.named_buffers(recurse=False))
         keys = []
         for key in module.state_dict(keep_vars=True):
             if (
