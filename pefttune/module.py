@@ -47,7 +47,7 @@ class DualEncoderModule(LightningModule):
         text_tower: the text encoder (any :class:`~pefttune.towers.TextTower`).
         strategy: the adaptation method; full fine-tuning when omitted.
         loss: the contrastive loss; the strategy's default when omitted.
-        optimizer: an optimizer factory called with the strategy's parameter groups.
+        optimizer: an optimizer factory called with the strategy's parameter groups (AdamW when omitted).
         lr_schedule: a per-step schedule over the run (``WarmupCosine`` by default).
         retrieval_top_k: the K of R@K.
         eval_chunk_size: rows of the similarity matrix ranked at a time during evaluation.
@@ -63,7 +63,7 @@ class DualEncoderModule(LightningModule):
         text_tower: TextTower,
         strategy: AdaptationStrategy | None = None,
         loss: ContrastiveLoss | None = None,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
+        optimizer: OptimizerCallable | None = None,
         lr_schedule: WarmupCosine | Constant | None = None,
         retrieval_top_k: Sequence[int] = (1, 5, 10),
         eval_chunk_size: int = 1024,
@@ -73,7 +73,9 @@ class DualEncoderModule(LightningModule):
         super().__init__()
         # No save_hyperparameters(): the towers and the strategy are modules, so the run's YAML (saved
         # next to the logs by the CLI) is the record of how to rebuild the model, not the checkpoint.
-        self.optimizer_factory = optimizer
+        # None, not AdamW, as the default: jsonargparse would otherwise carry AdamW's defaults (eps,
+        # weight_decay) over into another optimizer class chosen in a config.
+        self.optimizer_factory = optimizer if optimizer is not None else torch.optim.AdamW
         self.lr_schedule = lr_schedule if lr_schedule is not None else WarmupCosine()
         self.nonfinite_loss = nonfinite_loss
         self.cache_locked_image_features = cache_locked_image_features
