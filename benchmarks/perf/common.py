@@ -16,12 +16,37 @@ REPO = Path(__file__).resolve().parents[2]
 METHODS = ("full", "lit", "duet", "cma", "lora", "apex")
 
 
-def build_model(config: str, image_size: int | None = None):
-    """The ``model`` section of a fit config (real offline weights), optionally at another image size."""
+TINY_TOWERS = {
+    "image_tower": {
+        "class_path": "pefttune.towers.TimmImageTower",
+        "init_args": {"model_name": "test_vit", "pretrained": False, "embed_dim": 24, "image_size": 32},
+    },
+    "text_tower": {
+        "class_path": "pefttune.towers.HFTextTower",
+        "init_args": {
+            "model_name": "pefttune/tiny-bert",
+            "pretrained": False,
+            "embed_dim": 24,
+            "max_length": 16,
+        },
+    },
+}
+
+
+def build_model(config: str, image_size: int | None = None, tiny: bool = False):
+    """The ``model`` section of a fit config (real offline weights), optionally at another image size.
+
+    ``tiny`` swaps the towers for the tiny random test ViT and BERT of :mod:`pefttune.testing` (the
+    config's strategy, optimizer and schedule stay).
+    """
+    import json
+
     from pefttune.cli import build_model_from_config
 
     overrides = []
-    if image_size is not None:
+    if tiny:
+        overrides += [f"--model.init_args.{name}={json.dumps(spec)}" for name, spec in TINY_TOWERS.items()]
+    elif image_size is not None:
         overrides.append(f"--model.init_args.image_tower.init_args.image_size={image_size}")
     return build_model_from_config(str(REPO / config), overrides)
 

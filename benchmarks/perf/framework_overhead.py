@@ -2,7 +2,9 @@
 
 Both sides train the same model (one shipped config's towers and strategy, built twice from the same
 seed), on the same fixed batches (preprocessed once, served by the same in-memory ``DataLoader``), with
-the same optimizer (the strategy's parameter groups), learning-rate schedule and logit-scale clamp:
+the same optimizer (the strategy's parameter groups), learning-rate schedule and logit-scale clamp, and
+the modules in the train/eval modes the strategy left them in (frozen BatchNorms stay in eval mode;
+Lightning keeps those modes too):
 
 * **pefttune**: ``Trainer.fit`` of the ``DualEncoderModule`` with what a real run has per step (the
   loss and logit-scale logging, a TensorBoard logger writing every ``--log-every`` steps, the schedule,
@@ -15,7 +17,12 @@ included). To share out the machine's load fairly, the two alternate in blocks o
 ``--rounds`` rounds; the first step of every block is left out. The ratio is median pefttune step time
 over median bare step time.
 
+With ``--tiny`` the towers are the tiny random ViT and BERT of the tests: a step then computes so little
+that the framework's fixed cost per step is as large a share as it can be, which makes the ratio an
+upper bound for real towers (and measurable on a loaded machine, where real steps vary by more than 5%).
+
     python benchmarks/perf/framework_overhead.py --config configs/lora.yaml
+    python benchmarks/perf/framework_overhead.py --config configs/lora.yaml --tiny --steps 40 --rounds 5
 """
 
 from __future__ import annotations
@@ -106,19 +113,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="steps per block (the first is not timed)")
     parser.add_argument("--rounds", type=int, default=4, help="alternating blocks of each side")
     parser.add_argument("--log-every", type=int, default=5)
+    parser.add_argument("--tiny", action="store_true", help="tiny random towers (an upper bound)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default); 1 avoids OpenMP spin-waits on an oversubscribed machine",
+    )
     args = parser.parse_args()
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(machine_line())
+    towers = "tiny random ViT + BERT" if args.tiny else f"its towers at image size {args.image_size}"
     print(
-        f"{args.config}: image size {args.image_size}, batch {args.batch_size}, {args.rounds} rounds x "
+        f"{args.config} ({towers}), batch {args.batch_size}, {args.rounds} rounds x "
         f"{args.steps} steps per side"
     )
     torch.manual_seed(0)
-    ours = build_model(args.config, args.image_size)
+    ours = build_model(args.config, args.image_size, args.tiny)
     torch.manual_seed(0)
-    bare = build_model(args.config, args.image_size)
-    bare.train()
+    bare = build_model(args.config, args.image_size, args.tiny)
     batches = training_batches(ours, args.batch_size, count=4)
     optimizer = make_optimizer(bare)
     scheduler = bare.lr_schedule.build(optimizer, args.steps * args.rounds)

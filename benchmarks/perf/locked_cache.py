@@ -93,7 +93,12 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=512, help="512: the offline default")
     parser.add_argument("--batch-size", type=int, default=64, help="64: configs/lit.yaml")
     parser.add_argument("--image-size", type=int, default=None, help="None: configs/lit.yaml's (96)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     print(machine_line())
     print(
         f"LiT ({REPO / 'configs/lit.yaml'}), {args.train_images} generated images x 5 captions, batch "

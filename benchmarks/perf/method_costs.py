@@ -5,7 +5,8 @@ built at one image size and trained on the same fixed batches of the generated s
 size, each method with its own optimizer. Every method runs in a fresh Python process (this script
 re-invoked with ``--worker``), so one method's memory cannot leak into another's reading. Inside it:
 
-* the model is built and the batches are preprocessed; the resident set size then is the *baseline*;
+* the model is built (its modules in the train/eval modes its strategy set, as Lightning leaves them)
+  and the batches are preprocessed; the resident set size then is the *baseline*;
 * ``--warmup`` training steps (forward, loss, backward, optimizer step) are run untimed, then ``--steps``
   timed ones; the step time is their median;
 * the *training memory* is the peak resident set size (``ru_maxrss``, which includes memory allocated by
@@ -40,9 +41,10 @@ from common import (
 def worker(args: argparse.Namespace) -> None:
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model(f"configs/{args.worker}.yaml", args.image_size)
-    model.train()
     batches = training_batches(model, args.batch_size, count=2, seed=0)
     optimizer = make_optimizer(model)
     baseline = current_rss_mb()
@@ -81,11 +83,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     print(machine_line())
     print(
         f"image size {args.image_size}, batch {args.batch_size}, "
@@ -106,6 +113,8 @@ def main() -> None:
             str(args.steps),
             "--warmup",
             str(args.warmup),
+            "--threads",
+            str(args.threads),
         ]
         out = subprocess.run(command, capture_output=True, text=True, check=False)
         if out.returncode != 0:

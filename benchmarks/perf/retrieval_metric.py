@@ -160,8 +160,21 @@ def measure(impl: str, args: argparse.Namespace) -> dict:
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"{impl} worker failed ({done.returncode}):\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        why = " (killed: most likely out of memory)" if done.returncode == -9 else ""
+        print(f"  {impl} worker failed with exit code {done.returncode}{why}\n{done.stderr[-2000:]}")
+        return None
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    print(
+        f"  {impl}: {run['seconds']:.2f} s wall, {run['cpu_seconds']:.2f} s CPU, "
+        f"peak RSS {run['peak_mb']:.0f} MB",
+        flush=True,
+    )
+    return run
+
+
+def measure_all(impl: str, repeats: int, args: argparse.Namespace) -> dict | None:
+    runs = [run for run in (measure(impl, args) for _ in range(repeats)) if run is not None]
+    return summarise(impl, runs) if runs else None
 
 
 def summarise(impl: str, runs: list[dict]) -> dict:
@@ -176,6 +189,15 @@ def summarise(impl: str, runs: list[dict]) -> dict:
         "increase_mb": max(r["peak_mb"] - r["baseline_mb"] for r in runs),
         "recalls": runs[0]["recalls"],
     }
+
+
+def available_memory_mb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def main() -> None:
@@ -210,9 +232,15 @@ def main() -> None:
         f"{args.images} images x {args.captions_per_image} captions = {n_txt} captions, width {args.dim}: "
         f"{scores / 1e6:.1f}M scores per direction; R@{','.join(map(str, KS))} in both directions"
     )
-    results = [summarise("pefttune", [measure("pefttune", args) for _ in range(args.repeats)])]
+    results = [measure_all("pefttune", args.repeats, args)]
     if not args.skip_torchmetrics:
-        results.append(summarise("torchmetrics", [measure("torchmetrics", args) for _ in range(tm_repeats)]))
+        # Measured at 5000 x 25000: about 12 GB, i.e. roughly 100 bytes per score of one direction.
+        needed, available = scores * 100 / 2**20, available_memory_mb()
+        if available is not None and available < needed:
+            print(f"  warning: torchmetrics may need ~{needed:.0f} MB, only {available:.0f} MB available")
+        results.append(measure_all("torchmetrics", tm_repeats, args))
+    failed = [impl for impl, r in zip(("pefttune", "torchmetrics"), results, strict=False) if r is None]
+    results = [r for r in results if r is not None]
 
     header = f"{'implementation':<14} {'runs':>4} {'median wall s':>14} {'median CPU s':>13}"
     print(f"\n{header} {'peak RSS MB':>12} {'increase MB':>12}  wall times (s)")
@@ -225,6 +253,8 @@ def main() -> None:
     print("\nR@K (%):")
     for r in results:
         print(f"  {r['impl']:<14} " + "  ".join(f"{k}={v:.2f}" for k, v in r["recalls"].items()))
+    if failed:
+        raise SystemExit(f"no successful run of: {', '.join(failed)}")
     if len(results) == 2:
         ours, theirs = results
         worst = max(abs(ours["recalls"][k] - theirs["recalls"][k]) for k in ours["recalls"])

@@ -211,6 +211,7 @@ class BenchmarkRecorder(Callback):
             },
             "fit_seconds": self.fit_seconds,
             "world_size": trainer.world_size,
+            "torch_threads": torch.get_num_threads(),
             "curves": {"train_loss": self.loss_curve, "val": self.val_curve},
         }
 

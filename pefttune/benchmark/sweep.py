@@ -80,6 +80,46 @@ def result_path(output: Path, run: RunSpec) -> Path:
     return output / "results" / f"{run.slug}.json"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_run(output: Path, run: RunSpec) -> Path | None:
+    """Take the run's lock file, so that sweeps started side by side on one folder split the runs.
+
+    Returns:
+        The lock file (remove it when the run ends), or None when a live process on this machine holds it.
+        A lock left by a process that died (or by another machine's sweep, which cannot be checked, once
+        its run folder has not changed for a day) is taken over.
+    """
+    lock = output / "results" / f"{run.slug}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    owner = f"{platform.node()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            with open(lock, "x", encoding="utf-8") as handle:
+                handle.write(owner)
+            return lock
+        except FileExistsError:
+            try:
+                host, pid = lock.read_text(encoding="utf-8").split()
+            except (OSError, ValueError):
+                host, pid = "", "0"
+            if host == platform.node() and _pid_alive(int(pid)):
+                return None
+            folder = run_dir(output, run)
+            if host != platform.node() and folder.exists() and time.time() - folder.stat().st_mtime < 86400:
+                return None
+            lock.unlink(missing_ok=True)
+    return None
+
+
 def run_dir(output: Path, run: RunSpec) -> Path:
     """The run's ``default_root_dir`` (logs, checkpoints, the saved config and the process log)."""
     return output / "runs" / run.run_id
@@ -221,15 +261,21 @@ def run_sweep(
     """Run every run of ``suite`` that has no result file yet.
 
     Returns:
-        Run ids by outcome: ``done`` (ran now), ``skipped`` (result file existed), ``failed``.
+        Run ids by outcome: ``done`` (ran now), ``skipped`` (result file existed), ``busy`` (another sweep
+        process is running it), ``failed``.
     """
     runs = suite.runs(variables, methods=methods, datasets=datasets, seeds=seeds)
-    outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
+    outcome: dict[str, list[str]] = {"done": [], "skipped": [], "busy": [], "failed": []}
     for number, run in enumerate(runs, 1):
         prefix = f"[{number}/{len(runs)}] {run.run_id}"
         if result_path(output, run).exists():
             print(f"{prefix}: result exists, skipped", flush=True)
             outcome["skipped"].append(run.run_id)
+            continue
+        lock = claim_run(output, run)
+        if lock is None:
+            print(f"{prefix}: being run by another sweep process, skipped", flush=True)
+            outcome["busy"].append(run.run_id)
             continue
         print(f"{prefix}: running", flush=True)
         try:
@@ -240,6 +286,8 @@ def run_sweep(
             if stop_on_error:
                 break
             continue
+        finally:
+            lock.unlink(missing_ok=True)
         metrics = result.get("metrics", {})
         rsum = metrics.get("test/rsum")
         print(
@@ -291,7 +339,16 @@ def sweep_main(argv: Sequence[str]) -> dict[str, list[str]]:
     parser.add_argument("--stop-on-error", action="store_true", help="stop at the first failed run")
     parser.add_argument("--echo", action="store_true", help="stream each run's output here too")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the runs")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of each run (OMP_NUM_THREADS); 1 avoids OpenMP spin-waits on a busy machine",
+    )
     options = parser.parse_args(list(argv))
+    if options.threads is not None:
+        # The runs inherit the environment; torch reads these when it starts.
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(options.threads)
 
     suite = Suite.from_file(options.config)
     # Command-line overrides come last, so they win over the suite's, the datasets' and the methods'.
@@ -309,9 +366,9 @@ def sweep_main(argv: Sequence[str]) -> dict[str, list[str]]:
             overrides = yaml.safe_dump(run.override_config(), sort_keys=False)
             print(f"# {run.run_id} ({state})\n" + " ".join(command))
             print(f"# with {run_dir(output, run) / OVERRIDES_FILE}:\n" + overrides)
-        return {"done": [], "skipped": [], "failed": []}
+        return {"done": [], "skipped": [], "busy": [], "failed": []}
 
-    outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
+    outcome: dict[str, list[str]] = {"done": [], "skipped": [], "busy": [], "failed": []}
     if not options.aggregate_only:
         outcome = run_sweep(
             suite,
@@ -327,7 +384,7 @@ def sweep_main(argv: Sequence[str]) -> dict[str, list[str]]:
         )
         print(
             f"sweep {suite.name}: {len(outcome['done'])} ran, {len(outcome['skipped'])} skipped, "
-            f"{len(outcome['failed'])} failed",
+            f"{len(outcome['busy'])} left to other sweep processes, {len(outcome['failed'])} failed",
             flush=True,
         )
     if not options.no_aggregate:

@@ -106,6 +106,7 @@ def test_sweep_runs_each_run_once_and_resumes(sweep):
     assert sweep["first"] == {
         "done": ["synthetic/full/seed0", "synthetic/lit/seed0"],
         "skipped": [],
+        "busy": [],
         "failed": [],
     }
     assert sweep["second"]["skipped"] == ["synthetic/full/seed0", "synthetic/lit/seed0"]
@@ -192,3 +193,18 @@ def test_dry_run_prints_commands_and_runs_nothing(sweep, capsys, tmp_path):
     assert out.count("embed_dim: null") == 2 and "strategy: pefttune.strategies.lit.LiT" in out
     assert "seed: 1" in out and "BenchmarkRecorder" in out
     assert not (tmp_path / "results").exists()
+
+
+def test_a_run_locked_by_a_live_sweep_is_left_to_it(tmp_path):
+    import os
+
+    from pefttune.benchmark.suite import RunSpec
+    from pefttune.benchmark.sweep import claim_run
+
+    run = RunSpec("d", "m", 0, ("c.yaml",), ())
+    lock = claim_run(tmp_path, run)
+    assert lock is not None and lock.read_text().endswith(str(os.getpid()))
+    assert claim_run(tmp_path, run) is None  # this process holds it and is alive
+    # A lock left by a process that has died is taken over.
+    lock.write_text(lock.read_text().rsplit(" ", 1)[0] + " 999999999")
+    assert claim_run(tmp_path, run) == lock
