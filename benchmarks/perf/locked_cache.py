@@ -13,7 +13,8 @@ once with the cache and once without, and reports:
   tokenized: the loader still loads every image even when its features are cached) against the training
   step itself;
 * identity: the losses of every step and the final parameters of both runs are compared; they must be
-  equal (the script exits with status 1 otherwise).
+  equal up to float rounding (the script exits with status 1 otherwise). Bitwise equality is not
+  guaranteed: an image's features differ in the last bits with the batch it was encoded in.
 
     python benchmarks/perf/locked_cache.py                          # the offline default, 3 epochs
     python benchmarks/perf/locked_cache.py --train-images 128       # a quicker, smaller run
@@ -128,8 +129,15 @@ def main() -> None:
         f"identical results: largest loss difference over {len(plain['losses'])} steps {loss_gap:.3g}; "
         f"final parameters bitwise equal: {exact} (largest difference {worst:.3g})"
     )
-    # Features of a sub-batch may differ from the full batch's in the last bits (BLAS blocking).
-    if loss_gap > 1e-5 or worst > 1e-6:
+    # Not necessarily bitwise: an image's features depend in the last bits on the batch it was encoded in
+    # (BLAS blocking), and the cache encodes only the rows it misses. Equal up to float rounding:
+    close = all(
+        torch.allclose(plain["params"][n], p, rtol=1e-4, atol=1e-5) for n, p in cached["params"].items()
+    )
+    print(
+        f"equal up to float rounding (losses within 1e-5, parameters allclose rtol 1e-4, atol 1e-5): {close}"
+    )
+    if loss_gap > 1e-5 or not close:
         sys.exit(1)
 
 
