@@ -4,7 +4,9 @@ LiT's image tower is locked and, without augmentation, its input is deterministi
 ``DualEncoderModule(cache_locked_image_features=True)`` (the default) encodes each training image once and
 reuses its features in later epochs. This script trains LiT on the offline default (``configs/lit.yaml``:
 real EfficientNet-Lite0 locked, all-MiniLM-L6-v2 trained, the generated scenes) twice from the same seed,
-once with the cache and once without, and reports:
+once with the cache and once without, in a plain loop of ``training_step``, backward and optimizer step
+(the cache lives in ``training_step``). The two alternate epoch by epoch, so that a change in the
+machine's load hits both alike. It reports:
 
 * epoch times: the first epoch fills the cache (it already reuses features of images met earlier in the
   epoch, since every image comes with 5 captions), later epochs only read it; the speed-up is the median
@@ -13,7 +15,8 @@ once with the cache and once without, and reports:
   tokenized: the loader still loads every image even when its features are cached) against the training
   step itself;
 * identity: the losses of every step and the final parameters of both runs are compared; they must be
-  equal up to float rounding (the script exits with status 1 otherwise). Bitwise equality is not
+  equal up to float rounding: losses within 1e-5 and the parameters' divergence under 1% of the largest
+  change training made to them (the script exits with status 1 otherwise). Bitwise equality is not
   guaranteed: an image's features differ in the last bits with the batch it was encoded in.
 
     python benchmarks/perf/locked_cache.py                          # the offline default, 3 epochs
@@ -26,66 +29,56 @@ import argparse
 import sys
 import time
 
-from common import REPO, build_model, machine_line, median
+from common import REPO, build_model, machine_line, make_optimizer, median
 
 
-def run(args: argparse.Namespace, cache: bool) -> dict:
-    import lightning as L
-    import torch
-    from lightning.pytorch import Callback
+class Side:
+    """One of the two trainings: its model, optimizer, data loader and what was measured."""
 
-    from pefttune.data import ImageTextDataModule
+    def __init__(self, args: argparse.Namespace, cache: bool) -> None:
+        import torch
 
-    class Timer(Callback):
-        def __init__(self):
-            self.epochs, self.waits, self.losses = [], [], []
+        from pefttune.data import ImageTextDataModule
 
-        def on_train_epoch_start(self, trainer, pl_module):
-            self.start = self.mark = time.perf_counter()
-            self.wait = 0.0
+        torch.manual_seed(0)
+        self.model = build_model("configs/lit.yaml", args.image_size)
+        self.model.cache_locked_image_features = cache
+        assert self.model._can_cache_image_features() == cache, "LiT's image tower should be cacheable"
+        self.optimizer = make_optimizer(self.model)
+        self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        self.data = ImageTextDataModule(
+            source="synthetic", batch_size=args.batch_size, synthetic_train=args.train_images, seed=0
+        )
+        self.data.attach_preprocessing(self.model.preprocessing)
+        self.data.setup("fit")
+        self.epochs: list[float] = []
+        self.waits: list[float] = []
+        self.losses: list[float] = []
+        self.steps = 0
+        # Each side draws its own random numbers (dropout), so alternating epochs changes nothing.
+        torch.manual_seed(0)
+        self.rng = torch.get_rng_state()
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+    def epoch(self) -> None:
+        """One epoch of LiT training steps (``training_step``, backward, optimizer step)."""
+        import torch
+
+        torch.set_rng_state(self.rng)
+        start = mark = time.perf_counter()
+        wait = 0.0
+        for batch in self.data.train_dataloader():
             # From the end of the previous step to here: the loader producing this batch.
-            self.wait += time.perf_counter() - self.mark
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.losses.append(float(outputs["loss"].detach()))
-            self.mark = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer, pl_module):
-            self.epochs.append(time.perf_counter() - self.start)
-            self.waits.append(self.wait)
-
-    L.seed_everything(0, verbose=False)
-    model = build_model("configs/lit.yaml", args.image_size)
-    model.cache_locked_image_features = cache
-    data = ImageTextDataModule(
-        source="synthetic", batch_size=args.batch_size, synthetic_train=args.train_images, seed=0
-    )
-    timer = Timer()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=args.epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[timer],
-    )
-    trainer.fit(model, datamodule=data)
-    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert model._can_cache_image_features() == cache, "LiT's image tower should be cacheable"
-    return {
-        "epochs": timer.epochs,
-        "waits": timer.waits,
-        "losses": timer.losses,
-        "params": params,
-        "cached": len(model._image_feature_cache),
-        "steps": trainer.global_step,
-        "torch": torch,
-    }
+            wait += time.perf_counter() - mark
+            loss = self.model.training_step(batch, self.steps)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.losses.append(float(loss.detach()))
+            self.steps += 1
+            mark = time.perf_counter()
+        self.epochs.append(time.perf_counter() - start)
+        self.waits.append(wait)
+        self.rng = torch.get_rng_state()
 
 
 def main() -> None:
@@ -105,39 +98,44 @@ def main() -> None:
         f"LiT ({REPO / 'configs/lit.yaml'}), {args.train_images} generated images x 5 captions, batch "
         f"{args.batch_size}, {args.epochs} epochs, image size {args.image_size or 'from the config'}"
     )
-    # Without the cache first, so that any warm-up of the process favours the uncached run.
-    plain = run(args, cache=False)
-    cached = run(args, cache=True)
-    torch = plain["torch"]
+    import torch
+
+    plain, cached = Side(args, cache=False), Side(args, cache=True)
+    # Epochs alternate between the two sides, so that a change in the machine's load hits both alike.
+    for _ in range(args.epochs):
+        plain.epoch()
+        cached.epoch()
     print()
     print("| run | epoch times (s) | median epoch after the first (s) | waiting for data (s per epoch) |")
     print("|---|---|---|---|")
-    for name, result in (("recompute", plain), ("cache", cached)):
-        epochs = ", ".join(f"{t:.1f}" for t in result["epochs"])
-        waits = ", ".join(f"{t:.1f}" for t in result["waits"])
-        print(f"| {name} | {epochs} | {median(result['epochs'][1:]):.2f} | {waits} |")
-    later = median(plain["epochs"][1:]) / median(cached["epochs"][1:])
-    total = sum(plain["epochs"]) / sum(cached["epochs"])
-    wait_share = sum(cached["waits"][1:]) / sum(cached["epochs"][1:])
+    for name, side in (("recompute", plain), ("cache", cached)):
+        epochs = ", ".join(f"{t:.1f}" for t in side.epochs)
+        waits = ", ".join(f"{t:.1f}" for t in side.waits)
+        print(f"| {name} | {epochs} | {median(side.epochs[1:]):.2f} | {waits} |")
+    later = median(plain.epochs[1:]) / median(cached.epochs[1:])
+    total = sum(plain.epochs) / sum(cached.epochs)
+    wait_share = sum(cached.waits[1:]) / sum(cached.epochs[1:])
     print(f"speed-up of epochs after the first: {later:.2f}x (target >= 3x); whole run: {total:.2f}x")
     print(f"with the cache, waiting for the data loader is {100 * wait_share:.0f}% of a later epoch")
-    print(f"features cached: {cached['cached']} images; steps per run: {cached['steps']}")
-    loss_gap = max(abs(a - b) for a, b in zip(plain["losses"], cached["losses"], strict=True))
-    worst = max((plain["params"][n] - p).abs().max().item() for n, p in cached["params"].items())
-    exact = all(torch.equal(plain["params"][n], p) for n, p in cached["params"].items())
+    print(f"features cached: {len(cached.model._image_feature_cache)} images; steps per run: {cached.steps}")
+    plain_params = {n: p.detach() for n, p in plain.model.named_parameters() if p.requires_grad}
+    cached_params = {n: p.detach() for n, p in cached.model.named_parameters() if p.requires_grad}
+    loss_gap = max(abs(a - b) for a, b in zip(plain.losses, cached.losses, strict=True))
+    worst = max((plain_params[n] - p).abs().max().item() for n, p in cached_params.items())
+    exact = all(torch.equal(plain_params[n], p) for n, p in cached_params.items())
     print(
-        f"identical results: largest loss difference over {len(plain['losses'])} steps {loss_gap:.3g}; "
+        f"identical results: largest loss difference over {len(plain.losses)} steps {loss_gap:.3g}; "
         f"final parameters bitwise equal: {exact} (largest difference {worst:.3g})"
     )
-    # Not necessarily bitwise: an image's features depend in the last bits on the batch it was encoded in
-    # (BLAS blocking), and the cache encodes only the rows it misses. Equal up to float rounding:
-    close = all(
-        torch.allclose(plain["params"][n], p, rtol=1e-4, atol=1e-5) for n, p in cached["params"].items()
-    )
+    # Not bitwise: an image's features depend in the last bits on the batch it was encoded in (BLAS
+    # blocking), the cache encodes only the rows it misses, and Adam's normalised updates carry such
+    # differences into the weights. So compare the two runs' divergence with how far training moved them.
+    moved = max((p - plain.initial[n]).abs().max().item() for n, p in plain_params.items())
     print(
-        f"equal up to float rounding (losses within 1e-5, parameters allclose rtol 1e-4, atol 1e-5): {close}"
+        f"the runs diverge by {worst:.3g} at most, {100 * worst / moved:.2f}% of the largest change training "
+        f"made ({moved:.3g}); criterion: losses within 1e-5 and divergence under 1% of that change"
     )
-    if loss_gap > 1e-5 or not close:
+    if loss_gap > 1e-5 or worst > 0.01 * moved:
         sys.exit(1)
 
 

@@ -24,10 +24,10 @@ set was sharded or concatenated, up to the floating-point rounding of the scores
 matrix product may compute differently for different layouts (``RetrievalMetrics`` orders samples by id
 so that every process ranks identical tensors).
 
-**Memory.** Scores are computed ``chunk_size`` queries at a time: at most one ``chunk_size x N`` block
-of scores exists at once (with a boolean mask and an int32 count buffer of the same shape, about 9 bytes
-per score for float32), never the whole ``N_img x N_txt`` matrix. At COCO-5k scale (25,000 captions)
-the default chunk of 512 needs about 115 MB. All work happens on the device of the embeddings.
+**Memory.** Scores are computed ``chunk_size`` queries at a time: one ``chunk_size x N`` block of scores
+exists at once and is counted in place, never the whole ``N_img x N_txt`` matrix. At COCO-5k scale
+(25,000 captions) the default chunk of 512 is a 51 MB float32 block. All work happens on the device of
+the embeddings.
 """
 
 from __future__ import annotations
@@ -168,10 +168,22 @@ def _validated(
     return image_embeds.to(dtype), text_embeds.to(dtype), owner
 
 
-def _count(mask: Tensor) -> Tensor:
-    # Summing a bool tensor first converts it to int64 (8 bytes per score); int32 halves that
-    # temporary and is faster. Row counts are bounded by the number of candidates, far below 2**31.
-    return mask.sum(1, dtype=torch.int32).long()
+# Sums of 0/1 values in float32 are exact up to 2**24; count in column blocks no wider than that.
+_EXACT_FLOAT_COUNT = 2**24
+
+
+def _count_ahead(scores: Tensor, threshold: Tensor, inclusive: bool) -> Tensor:
+    """Per row, the number of scores above ``threshold`` (or equal to it, if ``inclusive``).
+
+    Destroys ``scores``: the comparison writes its 0/1 result into the score block itself, so counting
+    needs no extra memory and is about three times faster than summing a boolean mask (which torch
+    first converts to int64).
+    """
+    counts = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    for start in range(0, scores.shape[1], _EXACT_FLOAT_COUNT):
+        block = scores[:, start : start + _EXACT_FLOAT_COUNT]
+        counts += (block.ge_(threshold) if inclusive else block.gt_(threshold)).sum(1).long()
+    return counts
 
 
 def _image_to_text_ranks(images: Tensor, texts: Tensor, owner: Tensor, chunk_size: int, ties: Ties) -> Tensor:
@@ -191,11 +203,11 @@ def _image_to_text_ranks(images: Tensor, texts: Tensor, owner: Tensor, chunk_siz
         best = torch.full((stop - start,), float("-inf"), dtype=scores.dtype, device=scores.device)
         best.scatter_reduce_(0, rows, relevant, reduce="amax")
         if ties == "optimistic":
-            ahead = _count(scores > best[:, None])
+            ahead = _count_ahead(scores, best[:, None], inclusive=False)
         else:
             tied_relevant = torch.zeros_like(best, dtype=torch.long)
             tied_relevant.scatter_add_(0, rows, (relevant >= best[rows]).long())
-            ahead = _count(scores >= best[:, None]) - tied_relevant
+            ahead = _count_ahead(scores, best[:, None], inclusive=True) - tied_relevant
         ranks[start:stop] = ahead + 1
         # Free this chunk's scores before the next matmul, so that two blocks never coexist.
         del scores
@@ -209,8 +221,10 @@ def _text_to_image_ranks(images: Tensor, texts: Tensor, owner: Tensor, chunk_siz
         stop = min(start + chunk_size, n_txt)
         scores = texts[start:stop] @ images.T
         best = scores.gather(1, owner[start:stop, None])
-        # Under the pessimistic rule the relevant image itself satisfies ">=": do not count it.
-        ahead = _count(scores > best) if ties == "optimistic" else _count(scores >= best) - 1
+        ahead = _count_ahead(scores, best, inclusive=ties == "pessimistic")
+        if ties == "pessimistic":
+            # The relevant image itself satisfies ">=": do not count it.
+            ahead -= 1
         ranks[start:stop] = ahead + 1
         # Free this chunk's scores before the next matmul, so that two blocks never coexist.
         del scores

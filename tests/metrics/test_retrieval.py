@@ -230,6 +230,19 @@ def test_chunk_size_invariance(quantised: bool, ties: str) -> None:
     assert metrics[0] == metrics[1] == metrics[2]
 
 
+@pytest.mark.parametrize("ties", ["optimistic", "pessimistic"])
+def test_counting_in_column_blocks(monkeypatch: pytest.MonkeyPatch, ties: str) -> None:
+    # Counts are summed in column blocks of at most 2**24 (exact float32 sums); shrink the block so that
+    # the multi-block path runs, including a ragged last block.
+    from pefttune.metrics import functional
+
+    data = make_data(12, quantised=True)
+    expected = reference_ranks(data, ties)
+    monkeypatch.setattr(functional, "_EXACT_FLOAT_COUNT", 3)
+    i2t, t2i = retrieval_ranks(*_args(data), chunk_size=5, ties=ties)
+    assert torch.equal(i2t, expected[0]) and torch.equal(t2i, expected[1])
+
+
 def test_ranks_follow_a_permutation_of_the_inputs() -> None:
     data = make_data(4, quantised=True)
     i2t, t2i = retrieval_ranks(*_args(data))
