@@ -49,7 +49,16 @@ def test_every_method_ships_an_offline_and_a_paper_config():
 @pytest.mark.parametrize("config", OFFLINE_CONFIGS, ids=os.path.basename)
 def test_offline_config_fits_tests_and_predicts(config, tmp_path):
     root = str(tmp_path)
-    main(["fit", "--config", config, *TINY, f"--trainer.default_root_dir={root}", f"--checkpoint.dirpath={root}/ckpt"])
+    main(
+        [
+            "fit",
+            "--config",
+            config,
+            *TINY,
+            f"--trainer.default_root_dir={root}",
+            f"--checkpoint.dirpath={root}/ckpt",
+        ]
+    )
     last = os.path.join(root, "ckpt", "last.ckpt")
     assert os.path.exists(last)
     main(["test", "--config", config, *TINY, f"--trainer.default_root_dir={root}", f"--ckpt_path={last}"])

@@ -26,7 +26,9 @@ def _towers(pair: str, method: str):
 
 
 def _batch(image, text, size=4):
-    tokens = text.tokenize([f"a {c} shape number {i}" for i, c in enumerate(["red", "blue", "green", "pink"][:size])])
+    tokens = text.tokenize(
+        [f"a {c} shape number {i}" for i, c in enumerate(["red", "blue", "green", "pink"][:size])]
+    )
     return {
         "pixel_values": torch.randn(size, 3, image.image_size, image.image_size),
         "image_ids": torch.arange(size),
@@ -45,7 +47,14 @@ def test_strategy_trains_exactly_what_it_declares(method, pair):
     model.train()
     batch = _batch(model.image_tower, model.text_tower)
     image_embeds, text_embeds = model(batch)
-    loss = model.loss(image_embeds, text_embeds, model.logit_scale_value, model.logit_bias, batch["image_ids"], batch["text_ids"])
+    loss = model.loss(
+        image_embeds,
+        text_embeds,
+        model.logit_scale_value,
+        model.logit_bias,
+        batch["image_ids"],
+        batch["text_ids"],
+    )
     loss.backward()
 
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -58,7 +67,9 @@ def test_strategy_trains_exactly_what_it_declares(method, pair):
     prefix = model.strategy.prefix
     added = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in baseline.parameters())
     prefixed = sum(
-        p.numel() for n, p in model.named_parameters() if prefix and any(part.startswith(prefix) for part in n.split("."))
+        p.numel()
+        for n, p in model.named_parameters()
+        if prefix and any(part.startswith(prefix) for part in n.split("."))
     )
     assert added == prefixed
 
