@@ -35,6 +35,16 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class _ForgetCachedFeatures:
+    """``load_state_dict`` post-hook that empties the locked image features cache (picklable)."""
+
+    def __init__(self, cache: dict[int, torch.Tensor]) -> None:
+        self.cache = cache
+
+    def __call__(self, _module: nn.Module, _incompatible_keys: Any) -> None:
+        self.cache.clear()
+
+
 class DualEncoderModule(LightningModule):
     """An image-text dual encoder adapted by a strategy and trained contrastively.
 
@@ -82,6 +92,8 @@ class DualEncoderModule(LightningModule):
         self.skipped_steps = 0
         self._image_feature_cache: dict[int, torch.Tensor] = {}
         self.configure_towers(image_tower, text_tower)
+        # New image-tower weights make cached features stale (also when a parent module loads them).
+        self.image_tower.register_load_state_dict_post_hook(_ForgetCachedFeatures(self._image_feature_cache))
         self.configure_strategy(strategy or FullFineTune())
         self.configure_losses(loss)
         self.configure_temperature()
@@ -194,6 +206,8 @@ class DualEncoderModule(LightningModule):
     # -- training ----------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         """Give the strategy its chance to look at the data (APEX's text bank)."""
+        # Image ids are per data set: features cached by an earlier fit may belong to other images.
+        self._image_feature_cache.clear()
         self.strategy.on_fit_start(self, self.trainer)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:

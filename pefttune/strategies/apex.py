@@ -92,8 +92,12 @@ class APEX(AdaptationStrategy):
 
     On CLIP ViT-B/16 that is 2 x 512 + 12 x 2 x 768 + 512 x 512 + 512 = 282,112 parameters.
 
-    Training is plain contrastive learning through the adapted towers (InfoNCE; with class prompts as texts
-    this is APEX's cross-entropy over classes) with the checkpoint's frozen logit scale. The paper's recipe
+    Training is plain contrastive learning through the adapted towers with the checkpoint's frozen logit
+    scale, without the ensemble. The default loss is InfoNCE (retrieval). APEX itself trains image-to-text
+    cross-entropy over the prompts of *all* training classes; the classification configs use
+    :class:`~pefttune.losses.MultiPositiveInfoNCELoss` instead, its in-batch, symmetric counterpart (only
+    the classes present in the batch are negatives; images of one class share their prompt as positives;
+    plain InfoNCE would make them each other's negatives). The paper's recipe
     (Adadelta lr 0.15, weight decay 1e-3, batch 16, 15 epochs, one warm-up epoch at 1e-2, cosine) is in
     ``configs/paper/apex_clip_vitb16.yaml``.
 

@@ -174,6 +174,9 @@ class CrossModalAdapter(AdaptationStrategy):
     * The paper's recipe (``configs/paper/cma_clip_vitb32.yaml``): AdamW with decoupled weight decay 0.2 on
       adapter weights (none on biases), lr 1e-5, betas (0.9, 0.98), eps 1e-6, 10% linear warm-up then
       cosine, gradient clipping 1.0, batch 128, 5 epochs. On CLIP ViT-B/32 that trains 519,168 parameters.
+      Three differences from the official code remain: it uses BertAdam (the same decoupled weight decay,
+      but no bias correction), its cosine counts progress over the whole run (not the steps after warm-up),
+      and it holds the adapters in fp16 (here fp32 parameters under 16-bit autocast).
       The offline default (``configs/cma.yaml``) departs from it: heads trained, temperature fixed at 20,
       lr 1e-3, 3 epochs of batch 64 (reasons in the document).
 
@@ -232,6 +235,13 @@ class CrossModalAdapter(AdaptationStrategy):
         self.init_std = init_std
         self.train_heads = train_heads
         self.freeze_batchnorm_statistics = freeze_batchnorm_statistics
+        #: The arguments that define the trained tensors, kept in adapter-only checkpoints
+        #: (:mod:`pefttune.checkpointing`); initialisation-only options may differ when loading.
+        self.init_args: dict[str, Any] = {
+            "bottleneck": bottleneck,
+            "shared_dim": shared_dim,
+            "train_heads": train_heads,
+        }
         self.cma_shared_up = nn.ModuleList()
         self.block_pairs: list[tuple[int, int]] = []
         self.shared_slots: list[SharedSlot] = []

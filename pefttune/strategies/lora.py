@@ -47,15 +47,17 @@ class LoRA(AdaptationStrategy):
       linears holding its row-thirds whose outputs are concatenated (the same function), and q, k and v each
       get their own update, as CLIP-LoRA's split ``nn.MultiheadAttention``. The parameter count
       (3 r (d_in + d) per block) and the function equal the reference; the frozen weights are renamed from
-      ``attn.qkv.weight`` to ``attn.qkv.{q,k,v}.base_layer.weight``.
+      ``attn.qkv.weight`` to ``attn.qkv.{q,k,v}.base_layer.weight``. timm attentions that add separate
+      q/v biases (EVA, BEiT) are switched to ``qkv_bias_separate`` so that they call the split linear.
     * On a convolutional tower (feature-map blocks) every preset targets the dense (ungrouped) 1x1
       convolutions and linears of each block: pointwise expansion and projection, and squeeze-excitation's
       reduce/expand where present. They are the per-position channel-mixing linears of a CNN, the nearest
       counterpart of the attention projections. Depthwise convolutions (one k x k filter per channel have no
       channel-mixing matrix to make low-rank; peft also needs ``r % groups == 0`` and cannot merge them) and
       dense 3x3 convolutions (stem, EdgeResidual expansion) are left out. BatchNorm layers of an adapted
-      tower always run with their frozen running statistics (eval mode), so the backbone is truly frozen
-      and an adapter-only checkpoint reproduces the trained model.
+      tower, or of a tower of which only the head trains, always run with their frozen running statistics
+      (eval mode), so the backbone is truly frozen and an adapter-only checkpoint reproduces the trained
+      model.
     * ``train_projections="auto"`` trains the projection head of a tower that did not come with one from
       a dual-encoder checkpoint (a tower without a checkpoint logit scale: its head is new and random). CLIP
       towers keep CLIP's frozen projections, as in the paper; on the offline default (EfficientNet-Lite0 and
@@ -164,6 +166,10 @@ class LoRA(AdaptationStrategy):
                 unfreeze_projection(tower)
             if not adapted and not train_head:
                 tower.lock()
+            elif not adapted:
+                # Only the head trains: the backbone runs in train mode but must stay frozen, BatchNorm
+                # statistics included (an adapted tower gets the same in _adapt_tower).
+                freeze_batchnorm_statistics(tower.model)
 
     def _adapt_tower(self, tower: Tower) -> None:
         names = self.resolve_targets(tower)
@@ -178,6 +184,7 @@ class LoRA(AdaptationStrategy):
         final: list[str] = []
         for name in names:
             if name in fused:
+                _call_fused_qkv_module(tower, name)
                 _replace_submodule(tower, name, SplitQKV.from_fused(tower.get_submodule(name)))
                 final += [f"{name}.{part}" for part in QKV_PARTS]
             else:
@@ -300,6 +307,26 @@ def _matches(name: str, pattern: str) -> bool:
 
 def _is_lora_name(name: str, prefix: str) -> bool:
     return any(part.startswith(prefix) for part in name.split("."))
+
+
+def _call_fused_qkv_module(tower: Tower, name: str) -> None:
+    """Make the attention that owns the fused qkv linear ``name`` call it as a module.
+
+    timm's EVA and BEiT attentions with separate q/v biases compute ``F.linear(x, self.qkv.weight, bias)``:
+    they read the weight and never call the linear, so a split (and LoRA) linear would be bypassed (and
+    has no ``weight``). Their ``qkv_bias_separate`` switch computes ``self.qkv(x) + bias`` instead, the same
+    function; other attentions that read the weight directly are refused.
+    """
+    owner = name.rpartition(".")[0]
+    attention = tower.get_submodule(owner)
+    if getattr(attention, "q_bias", None) is None:
+        return
+    if not hasattr(attention, "qkv_bias_separate"):
+        raise ValueError(
+            f"{type(attention).__name__} at {owner} adds separate q/v biases to its fused qkv weight "
+            "without calling the qkv linear; LoRA cannot adapt its q, k and v"
+        )
+    attention.qkv_bias_separate = True
 
 
 def _replace_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -349,6 +349,16 @@ def test_adapter_only_checkpoint_round_trip(name, tmp_path):
     assert adapter_of(slot.text_site).shared is target.strategy.cma_shared_up[slot.index][slot.key]
 
 
+def test_adapter_checkpoint_records_the_strategy_arguments(tmp_path):
+    from pefttune.checkpointing import AdapterMismatchError, load_adapter, save_adapter
+
+    checkpoint = save_adapter(build(TINY_TOWER_PAIRS["clip"]()), tmp_path / "adapter.pt")
+    assert checkpoint["strategy"]["init_args"] == {"bottleneck": 8, "shared_dim": 16, "train_heads": False}
+    load_adapter(build(TINY_TOWER_PAIRS["clip"](), init_std=0.02), tmp_path / "adapter.pt")
+    with pytest.raises(AdapterMismatchError, match="arguments"):
+        load_adapter(build(TINY_TOWER_PAIRS["clip"](), shared_dim=8), tmp_path / "adapter.pt")
+
+
 # -- the shipped configs -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_paper_config_trains_the_published_519168_adapter_parameters():

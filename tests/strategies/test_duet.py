@@ -236,6 +236,23 @@ def test_adapter_checkpoint_keeps_units_norms_and_heads_only():
     assert not any(".attn.qkv." in k or ".attention.self.query." in k for k in keys)
 
 
+@pytest.mark.parametrize(
+    ("saved", "loaded"),
+    [({"gate": "sentence"}, {"gate": "token"}), ({"unit_norm": "post"}, {"unit_norm": "pre"})],
+)
+def test_adapter_checkpoint_refuses_a_model_with_other_unit_options(saved, loaded, tmp_path):
+    # Sentence and token gates, or pre- and post-FFN unit norms, have identical tensors: only the recorded
+    # arguments tell them apart, so a checkpoint must carry them.
+    from pefttune.checkpointing import AdapterMismatchError, load_adapter, save_adapter
+
+    source = _build(tiny_vit(), tiny_bert(), **saved)
+    checkpoint = save_adapter(source, tmp_path / "adapter.pt")
+    assert checkpoint["strategy"]["init_args"]["width"] == 16
+    load_adapter(_build(tiny_vit(), tiny_bert(), **saved), tmp_path / "adapter.pt")
+    with pytest.raises(AdapterMismatchError, match="arguments"):
+        load_adapter(_build(tiny_vit(), tiny_bert(), **loaded), tmp_path / "adapter.pt")
+
+
 # -- loss and temperature ------------------------------------------------------------------------------------
 def test_loss_is_multi_positive_summed_at_a_fixed_temperature_of_one_over_64():
     module = _build(tiny_vit(), tiny_bert())

@@ -251,6 +251,44 @@ def test_one_tower_only_locks_the_other() -> None:
     assert not module.text_tower.locked
 
 
+def test_head_only_tower_keeps_its_batchnorm_statistics() -> None:
+    # towers="text" on a CNN whose new head trains: the image backbone is frozen but not locked, so it
+    # runs in train mode; its BatchNorm statistics must not move (they are not in the adapter checkpoint).
+    module = DualEncoderModule(tiny_cnn(), tiny_bert(), strategy=LoRA(towers="text"))
+    image_tower = module.image_tower
+    assert not image_tower.locked and image_tower.projection.weight.requires_grad
+    buffers = {n: b.clone() for n, b in image_tower.named_buffers()}
+    assert any(n.endswith("running_mean") for n in buffers)
+    module.train()
+    with torch.no_grad():
+        image_tower(torch.randn(4, 3, 32, 32))
+    for name, buffer in image_tower.named_buffers():
+        torch.testing.assert_close(buffer, buffers[name], rtol=0, atol=0)
+
+
+def test_fused_qkv_with_separate_biases_is_adapted() -> None:
+    # timm's EVA adds its q/v biases with F.linear(x, self.qkv.weight, ...), bypassing the qkv module.
+    from pefttune.towers import TimmImageTower
+
+    image_tower = TimmImageTower("eva02_tiny_patch14_224", pretrained=False, embed_dim=24, image_size=28)
+    reference = copy.deepcopy(image_tower).eval()
+    with torch.no_grad():
+        for name, parameter in image_tower.named_parameters():
+            if name.endswith("q_bias") or name.endswith("v_bias"):
+                parameter.normal_(std=0.1)
+    reference.load_state_dict(image_tower.state_dict())
+    strategy = LoRA()
+    strategy.apply(image_tower, tiny_bert())
+    image_tower.eval()
+    images = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(image_tower(images), reference(images), rtol=1e-5, atol=1e-6)
+    _randomize_lora(image_tower)
+    _apply_reference_lora(reference, image_tower, strategy.target_names["image"], 1 / math.sqrt(2))
+    with torch.no_grad():
+        torch.testing.assert_close(image_tower(images), reference(images), rtol=1e-4, atol=1e-5)
+
+
 def test_auto_projections_train_only_new_heads() -> None:
     vit = _module("vit+bert")
     assert vit.image_tower.projection.weight.requires_grad and vit.text_tower.projection.weight.requires_grad
@@ -384,6 +422,15 @@ def test_temperature_can_be_overridden() -> None:
     module = DualEncoderModule(image_tower, text_tower, strategy=strategy)
     assert module.logit_scale.requires_grad
     assert module.parameter_report()["trainable_by_group"]["temperature"] == 1
+
+
+# -- shipped configs ---------------------------------------------------------------------------------
+def test_paper_config_tests_the_final_iterate() -> None:
+    # CLIP-LoRA evaluates the last iterate, with no selection on validation (methods.md §4.2, §8).
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs/paper/lora_clip_vitb16.yaml").read_text())
+    assert "checkpoint" in config and config["checkpoint"]["monitor"] is None
 
 
 # -- shipped configs (real towers; slow) --------------------------------------------------------------
