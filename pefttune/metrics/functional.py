@@ -19,6 +19,15 @@ embeddings; a fully collapsed model gets R@1 = 100 under the optimistic rule and
 ranks under the pessimistic one. Sort-based code (``argsort``, ``topk``) orders ties in an
 implementation-defined way, so on ties it can disagree with both rules.
 
+**All-zero embeddings.** A zero vector scores exactly 0 against everything, so under the optimistic rule
+it would tie its way to rank 1. A ReLU tower can legitimately output one (every channel of its pooled
+features negative before the activation: fully fine-tuned EfficientNet-Lite0 did on two low-contrast
+UCM images), so it is not an error; it counts as a miss. A query whose embedding is zero, or all of
+whose relevant candidates have zero embeddings, gets the worst possible rank (``1 +`` the number of
+non-relevant candidates), and a zero caption never serves as an image's best relevant caption. As a
+non-relevant candidate a zero embedding keeps its score of 0. :class:`~pefttune.metrics.RetrievalMetrics`
+warns with their count.
+
 Neither rule depends on the order of the candidates, so the ranks do not depend on how an evaluation
 set was sharded or concatenated, up to the floating-point rounding of the scores themselves, which a
 matrix product may compute differently for different layouts (``RetrievalMetrics`` orders samples by id
@@ -186,7 +195,9 @@ def _count_ahead(scores: Tensor, threshold: Tensor, inclusive: bool) -> Tensor:
     return counts
 
 
-def _image_to_text_ranks(images: Tensor, texts: Tensor, owner: Tensor, chunk_size: int, ties: Ties) -> Tensor:
+def _image_to_text_ranks(
+    images: Tensor, texts: Tensor, owner: Tensor, chunk_size: int, ties: Ties, zero_texts: Tensor
+) -> Tensor:
     n_img = images.shape[0]
     # Group captions by owning image so that the captions of a chunk of images form one slice.
     by_owner = torch.argsort(owner, stable=True)
@@ -200,6 +211,8 @@ def _image_to_text_ranks(images: Tensor, texts: Tensor, owner: Tensor, chunk_siz
         # The relevant scores come out of the same matmul as the candidates' scores, so a relevant
         # caption can never look "strictly higher" than itself through rounding.
         relevant = scores[rows, captions]
+        # A zero caption is never an image's best relevant one (see "All-zero embeddings").
+        relevant = relevant.masked_fill(zero_texts[captions], float("-inf"))
         best = torch.full((stop - start,), float("-inf"), dtype=scores.dtype, device=scores.device)
         best.scatter_reduce_(0, rows, relevant, reduce="amax")
         if ties == "optimistic":
@@ -268,9 +281,22 @@ def retrieval_ranks(
     _check_chunk_size(chunk_size)
     _check_ties(ties)
     images, texts, owner = _validated(image_embeds, image_ids, text_embeds, text_image_ids)
-    i2t = _image_to_text_ranks(images, texts, owner, chunk_size, ties)
+    zero_images, zero_texts = ~images.any(dim=1), ~texts.any(dim=1)
+    i2t = _image_to_text_ranks(images, texts, owner, chunk_size, ties, zero_texts)
     t2i = _text_to_image_ranks(images, texts, owner, chunk_size, ties)
+    if bool(zero_images.any()) or bool(zero_texts.any()):
+        n_img, n_txt = images.shape[0], texts.shape[0]
+        captions = torch.bincount(owner, minlength=n_img)
+        live_captions = torch.bincount(owner[~zero_texts], minlength=n_img)
+        missed = zero_images | (live_captions == 0)
+        i2t[missed] = n_txt - captions[missed] + 1
+        t2i[zero_texts | zero_images[owner]] = n_img
     return i2t, t2i
+
+
+def count_zero_rows(embeds: Tensor) -> int:
+    """How many rows of ``embeds`` are all zero (they count as misses, see the module docstring)."""
+    return int((~embeds.any(dim=1)).sum())
 
 
 def _median(ranks: Tensor) -> float:

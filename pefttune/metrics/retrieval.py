@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities import rank_zero_warn
 from torchmetrics.utilities.data import dim_zero_cat
 
 from pefttune.metrics.functional import (
@@ -23,6 +24,7 @@ from pefttune.metrics.functional import (
     _check_ties,
     _listed,
     _normalise_ks,
+    count_zero_rows,
     retrieval_metrics,
 )
 
@@ -36,11 +38,7 @@ def _prepare_embeds(name: str, embeds: Tensor) -> Tensor:
     embeds = embeds.detach().float()
     if not bool(torch.isfinite(embeds).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
-    norms = embeds.norm(dim=1)
-    # A zero vector ties with everything; under the optimistic tie rule a collapsed model would then
-    # score R@1 = 100, so refuse it rather than normalise it to zero.
-    if bool((norms == 0).any()):
-        raise ValueError(f"{name} has all-zero rows {_listed((norms == 0).nonzero().squeeze(1))}")
+    # All-zero rows stay zero (F.normalize divides by max(norm, eps)); the ranking counts them as misses.
     return F.normalize(embeds, dim=1)
 
 
@@ -120,9 +118,10 @@ class RetrievalMetrics(Metric):
     4. calls :func:`pefttune.metrics.functional.retrieval_metrics`.
 
     Embeddings are L2-normalised (in float32) in :meth:`update`, whatever the caller did, because the
-    ranking assumes cosine scores and a tower may hand over unnormalised projections; all-zero or
-    non-finite embeddings are rejected. Pass *caption record* ids as ``text_ids``: in the data batches
-    these are ``caption_ids``, not ``text_ids`` (which equal strings share).
+    ranking assumes cosine scores and a tower may hand over unnormalised projections; non-finite
+    embeddings are rejected, and all-zero ones count as misses (with a warning giving their number).
+    Pass *caption record* ids as ``text_ids``: in the data batches these are ``caption_ids``, not
+    ``text_ids`` (which equal strings share).
 
     Under DDP every process must call :meth:`update` at least once before :meth:`compute`.
 
@@ -194,7 +193,8 @@ class RetrievalMetrics(Metric):
             text_image_ids: Id of the image each caption belongs to [B_txt].
 
         Raises:
-            ValueError: On shape mismatches, non-integer ids, or NaN/inf/all-zero embeddings.
+            ValueError: On shape mismatches, non-integer ids, or NaN/inf embeddings (all-zero embeddings are
+                accepted and count as misses).
         """
         images = _prepare_embeds("image_embeds", image_embeds)
         texts = _prepare_embeds("text_embeds", text_embeds)
@@ -255,6 +255,13 @@ class RetrievalMetrics(Metric):
             )
         images, image_ids = self._unique_images()
         texts, text_image_ids = self._unique_texts()
+        zero_images, zero_texts = count_zero_rows(images), count_zero_rows(texts)
+        if zero_images or zero_texts:
+            rank_zero_warn(
+                f"RetrievalMetrics: {zero_images} of {images.shape[0]} image embeddings and {zero_texts} of "
+                f"{texts.shape[0]} caption embeddings are all zero; they count as misses (worst rank), as "
+                "docs/protocol.md defines"
+            )
         values = retrieval_metrics(
             images,
             image_ids,

@@ -455,8 +455,6 @@ def test_metric_errors() -> None:
     metric = RetrievalMetrics()
     with pytest.raises(RuntimeError, match="call update"):
         metric.compute()
-    with pytest.raises(ValueError, match="all-zero rows"):
-        metric.update(torch.zeros(2, 4), torch.arange(2), torch.ones(2, 4), torch.arange(2), torch.arange(2))
     with pytest.raises(ValueError, match="NaN or infinite"):
         metric.update(
             torch.ones(2, 4), torch.arange(2), torch.full((2, 4), math.inf), torch.arange(2), torch.arange(2)
@@ -557,3 +555,49 @@ def test_ddp_with_padded_sampler_matches_single_process(tmp_path: Path) -> None:
             assert torch.equal(result["metrics"][key], value), (rank, key)
     # The sampler did pad with a duplicate, and every image was seen.
     assert len(seen) > _DDP_IMAGES and set(seen) == set(range(_DDP_IMAGES))
+
+
+@pytest.mark.parametrize("ties", ["optimistic", "pessimistic"])
+def test_all_zero_embeddings_count_as_misses(ties: str) -> None:
+    # A zero vector scores 0 against everything: under the optimistic rule it would tie its way to rank 1.
+    # Such queries, and queries whose relevant candidates are all zero, get the worst possible rank.
+    data = make_data(12, quantised=True)
+    images, texts, owner = data["image_embeds"].clone(), data["text_embeds"].clone(), data["owner"]
+    counts = torch.bincount(owner)
+    several = (counts >= 2).nonzero().squeeze(1).tolist()
+    dead_image, captionless, partly = 0, several[0], several[1]
+    images[dead_image] = 0
+    texts[owner == captionless] = 0  # every caption of one image
+    half_dead = (owner == partly).nonzero()[0]
+    texts[half_dead] = 0  # one caption of another: it must not serve as that image's best caption
+    zeroed = dict(data, image_embeds=images, text_embeds=texts)
+    i2t, t2i = retrieval_ranks(*_args(zeroed), chunk_size=5, ties=ties)
+    n_img, n_txt = images.shape[0], texts.shape[0]
+    for image in (dead_image, captionless):
+        assert i2t[image] == n_txt - counts[image] + 1
+        assert (t2i[owner == image] == n_img).all()
+    assert t2i[half_dead] == n_img
+    # The partly dead image is ranked by its live captions; the zero one is a non-relevant candidate (0).
+    live = torch.ones(n_txt, dtype=torch.bool)
+    live[half_dead] = False
+    ref_i2t, _ = reference_ranks(dict(zeroed, text_embeds=texts[live], owner=owner[live]), ties)
+    best = float((images[partly] @ texts[live & (owner == partly)].T).max())
+    assert i2t[partly] == ref_i2t[partly] + int(best < 0.0 if ties == "optimistic" else best <= 0.0)
+    # Every other query is ranked as the brute-force reference ranks it.
+    ref_i2t, ref_t2i = reference_ranks(zeroed, ties)
+    others = torch.ones(n_img, dtype=torch.bool)
+    others[[dead_image, captionless, partly]] = False
+    assert torch.equal(i2t[others], ref_i2t[others])
+    untouched = ~(texts == 0).all(dim=1) & ~(images[owner] == 0).all(dim=1)
+    assert torch.equal(t2i[untouched], ref_t2i[untouched])
+
+
+def test_metric_warns_about_all_zero_embeddings() -> None:
+    metric = RetrievalMetrics(ks=(1,))
+    metric.update(torch.zeros(2, 4), torch.arange(2), torch.ones(2, 4), torch.arange(2), torch.arange(2))
+    with pytest.warns(
+        UserWarning, match="2 of 2 image embeddings and 0 of 2 caption embeddings are all zero"
+    ):
+        values = metric.compute()
+    # Every query misses, whatever the tie rule: a collapsed model does not score R@1 = 100.
+    assert float(values["i2t_R@1"]) == 0.0 and float(values["t2i_R@1"]) == 0.0
