@@ -21,6 +21,7 @@ from torch import nn
 
 from pefttune.data.preprocessing import Preprocessing
 from pefttune.evaluation import ZeroShotEvaluation, ZeroShotMetric, text_prompt_prefix
+from pefttune.layers.frozen_batchnorm import refreeze_batchnorm_statistics
 from pefttune.losses import ContrastiveLoss
 from pefttune.metrics import RetrievalMetrics
 from pefttune.optim import Constant, WarmupCosine
@@ -205,9 +206,16 @@ class DualEncoderModule(LightningModule):
 
     # -- training ----------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        """Give the strategy its chance to look at the data (APEX's text bank)."""
+        """Restore frozen BatchNorm statistics, then give the strategy its chance to look at the data."""
         # Image ids are per data set: features cached by an earlier fit may belong to other images.
         self._image_feature_cache.clear()
+        # With trainer.sync_batchnorm, Lightning's DDP/FSDP setup (which runs before this hook) has replaced
+        # every BatchNorm with a new SyncBatchNorm, dropping the hooks that keep a frozen backbone on its
+        # running statistics: without this they would silently train. Before the strategy's own hook, which
+        # may already run the towers (APEX's text bank).
+        restored = refreeze_batchnorm_statistics(self)
+        if restored:
+            log.info("re-froze the running statistics of %d replaced BatchNorm layers", restored)
         self.strategy.on_fit_start(self, self.trainer)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:

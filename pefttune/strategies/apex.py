@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pefttune.data.records import normalize_caption
+from pefttune.layers.frozen_batchnorm import freeze_batchnorm_statistics
 from pefttune.layers.hooks import add_input_transform, add_output_transform
 from pefttune.layers.linear_adapter import LinearAdapter
 from pefttune.layers.prompts import (
@@ -120,7 +121,7 @@ class APEX(AdaptationStrategy):
       instead: a border of ``pixel_prompt_pad`` pixels (default: 30 at 224 px, scaled to the tower's
       image size), N(0, ``prompt_init_std``) rather than Bahng's N(0, 1), ``3 * (2 p S + 2 p (S - 2p))``
       parameters (69,840 at S = 224, p = 30). The frozen backbone's BatchNorm layers always normalise
-      with their pretrained statistics (kept in eval mode), so "frozen" holds for their buffers too.
+      with their pretrained statistics (run in eval mode), so "frozen" holds for their buffers too.
     * **Retrieval**: the bank holds training captions instead of class prompts; alpha is computed per
       caption from its content, so it does not depend on how texts are batched.
     * **Difficulty space**: alpha compares frozen projected text embeddings (CLIP's frozen projection).
@@ -231,7 +232,7 @@ class APEX(AdaptationStrategy):
             unfreeze_projection(image_tower)
             unfreeze_projection(text_tower)
         for tower in (image_tower, text_tower):
-            _keep_batchnorm_statistics_frozen(tower.model)
+            freeze_batchnorm_statistics(tower.model)
         width = text_tower.feature_width if self.train_projections else text_tower.embed_dim
         self.apex_text_bank = torch.zeros(self.bank_size, width)
 
@@ -632,16 +633,3 @@ def _evaluation_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for submodule, mode in modes:
             submodule.training = mode
-
-
-def _batchnorm_eval(module: nn.Module, _args: Any) -> None:
-    # A frozen BatchNorm keeps normalising with its pretrained running statistics, even in train mode.
-    module.training = False
-
-
-def _keep_batchnorm_statistics_frozen(model: nn.Module) -> None:
-    for submodule in model.modules():
-        if isinstance(submodule, nn.modules.batchnorm._BatchNorm) and not any(
-            p.requires_grad for p in submodule.parameters()
-        ):
-            submodule.register_forward_pre_hook(_batchnorm_eval)

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from torch import nn
 
+from pefttune.layers.frozen_batchnorm import freeze_batchnorm_statistics
 from pefttune.layers.hooks import add_output_transform
 from pefttune.layers.shared_adapter import SharedUpAdapter, SharedUpProjection
 from pefttune.strategies.base import AdaptationStrategy, TemperaturePolicy, unfreeze_projection
@@ -118,36 +119,6 @@ def _pair_positions(
         ]
     image_last, text_last = image_sites[-1], text_sites[-1]
     return [(f"{image_last.position}_{text_last.position}", image_last, text_last)]
-
-
-class _UseRunningStatistics:
-    """Forward hooks that run a frozen BatchNorm on its stored statistics, also in training mode.
-
-    A tower that is frozen but not locked follows the LightningModule into training mode, where BatchNorm
-    would normalise with batch statistics and overwrite its running averages: the "frozen" backbone would
-    change. The pre-hook switches the layer to eval mode for its forward and the hook restores the mode
-    afterwards, so ``module.training`` still tells what the model was asked to do. A class, not a closure,
-    so models stay picklable.
-    """
-
-    def __init__(self) -> None:
-        self.mode = False
-
-    def before(self, module: nn.Module, _inputs: Any) -> None:
-        """Remember the requested mode and normalise with the running statistics."""
-        self.mode = module.training
-        module.training = False
-
-    def after(self, module: nn.Module, _inputs: Any, _output: Any) -> None:
-        """Restore the requested mode."""
-        module.training = self.mode
-
-    @classmethod
-    def attach(cls, module: nn.Module) -> None:
-        """Register both hooks on ``module``."""
-        hooks = cls()
-        module.register_forward_pre_hook(hooks.before)
-        module.register_forward_hook(hooks.after)
 
 
 class CrossModalAdapter(AdaptationStrategy):
@@ -275,9 +246,7 @@ class CrossModalAdapter(AdaptationStrategy):
             if self.train_heads:
                 unfreeze_projection(tower)
             if self.freeze_batchnorm_statistics:
-                for module in tower.modules():
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                        _UseRunningStatistics.attach(module)
+                freeze_batchnorm_statistics(tower)
         self.cma_shared_up.requires_grad_(True)
 
     def adapters(self, tower: Tower) -> list[SharedUpAdapter]:

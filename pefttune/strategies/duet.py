@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
-from torch import nn
-
+from pefttune.layers.frozen_batchnorm import freeze_batchnorm_statistics
 from pefttune.layers.gated_adapter import GATES, Gate, GatedAdapterUnit
 from pefttune.layers.hooks import add_output_transform
 from pefttune.strategies.base import (
@@ -15,7 +13,7 @@ from pefttune.strategies.base import (
     unfreeze_norms,
     unfreeze_projection,
 )
-from pefttune.towers.base import BlockInfo, ImageTower, TextTower, Tower
+from pefttune.towers.base import BlockInfo, ImageTower, TextTower
 
 if TYPE_CHECKING:
     from pefttune.losses import ContrastiveLoss
@@ -124,7 +122,7 @@ class DueT(AdaptationStrategy):
             # Norms first: the units' own LayerNorms are not part of the backbone.
             unfreeze_norms(tower)
             if self.freeze_norm_statistics:
-                freeze_batchnorm_statistics(tower)
+                freeze_batchnorm_statistics(tower.model)
             unfreeze_projection(tower)
             for block in select_blocks(tower.blocks(), selection):
                 add_output_transform(block.module, UNIT_NAME, self.unit_for(block))
@@ -187,25 +185,3 @@ def _check_selection(selection: LayerSelection) -> None:
         )
     if not all(isinstance(index, int) and not isinstance(index, bool) for index in selection):
         raise ValueError(f"a layer selection list holds block indices (ints), got {selection!r}")
-
-
-def freeze_batchnorm_statistics(tower: Tower) -> int:
-    """Make every BatchNorm of ``tower.model`` normalise with its running statistics, even in training.
-
-    A forward pre-hook puts each BatchNorm in eval mode before each of its forward passes, so no
-    ``train()`` on the model (Lightning calls it around every validation) can make it update its statistics
-    or normalise with batch statistics. Its affine parameters still train if they require grad. The modules
-    are not switched now, which would make Lightning warn about modules in eval mode at the start of
-    training. Returns how many layers.
-    """
-    count = 0
-    for module in tower.model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.register_forward_pre_hook(_use_running_statistics)
-            count += 1
-    return count
-
-
-def _use_running_statistics(module: nn.Module, _inputs: tuple[torch.Tensor, ...]) -> None:
-    if module.training:
-        module.eval()

@@ -11,6 +11,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from pefttune.layers.frozen_batchnorm import freeze_batchnorm_statistics
 from pefttune.layers.split_qkv import QKV_PARTS, SplitQKV
 from pefttune.strategies.base import AdaptationStrategy, TemperaturePolicy, unfreeze_projection
 from pefttune.towers.base import BlockInfo, ImageTower, TextTower, Tower
@@ -333,21 +334,3 @@ def _replace_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
-
-
-class _BatchNormEvalMode:
-    """Forward pre-hook that runs a BatchNorm layer in eval mode whatever ``train()`` set (picklable)."""
-
-    def __call__(self, module: nn.Module, _inputs: Any) -> None:
-        module.training = False
-
-
-def freeze_batchnorm_statistics(model: nn.Module) -> int:
-    """Make every BatchNorm layer of ``model`` use and keep its running statistics, also in training.
-
-    Returns how many layers were frozen.
-    """
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for layer in layers:
-        layer.register_forward_pre_hook(_BatchNormEvalMode())
-    return len(layers)
