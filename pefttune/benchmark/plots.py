@@ -22,9 +22,10 @@ def _pyplot() -> Any:
 
 
 def _colors(methods: Sequence[str]) -> dict[str, Any]:
+    """One color per method, by sorted name, so that a method has the same color in every plot."""
     plt = _pyplot()
     palette = plt.get_cmap("tab10")
-    return {method: palette(i % 10) for i, method in enumerate(methods)}
+    return {method: palette(i % 10) for i, method in enumerate(sorted(set(methods)))}
 
 
 def plot_retrieval_vs_params(groups: Sequence[Group], path: str | Path) -> Path:
