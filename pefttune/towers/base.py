@@ -12,7 +12,7 @@ import abc
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,6 +62,17 @@ def architecture_only() -> Iterator[None]:
             os.environ.pop(_NO_WEIGHTS_ENV, None)
         else:
             os.environ[_NO_WEIGHTS_ENV] = previous
+
+
+def checked_crop_scale(crop_scale: Sequence[float]) -> tuple[float, float]:
+    """Validate the area range ``(min, max)`` of a random resized crop: ``0 < min <= max <= 1``."""
+    values = tuple(float(v) for v in crop_scale)
+    if len(values) != 2 or not 0 < values[0] <= values[1] <= 1:
+        raise ValueError(
+            f"crop_scale must be (min, max) fractions of the image area with 0 < min <= max <= 1, "
+            f"got {tuple(crop_scale)!r} (the papers' Inception-style crop is (0.08, 1.0))"
+        )
+    return values[0], values[1]
 
 
 def weights_enabled(pretrained: bool) -> bool:

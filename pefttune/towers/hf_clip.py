@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Literal
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from pefttune.towers.base import (
     ImageTower,
     QKVProjections,
     TextTower,
+    checked_crop_scale,
     pool_tokens,
     quiet_transformers,
     weights_enabled,
@@ -84,10 +86,18 @@ class CLIPImageTower(ImageTower):
     Args:
         model_name: a Hub id such as ``openai/clip-vit-base-patch16`` or a local directory.
         pretrained: load the checkpoint; False builds the architecture with random weights.
-        train_augmentation: ``none`` or ``crop_flip`` (random resized crop 0.5-1 and flip).
+        train_augmentation: ``none`` or ``crop_flip`` (random resized crop and flip).
+        crop_scale: area range ``(min, max)`` of the random resized crop, as fractions of the image; the
+            default (0.5, 1.0) is mild, CLIP-LoRA's and Dassl's (APEX) is (0.08, 1.0).
     """
 
-    def __init__(self, model_name: str, pretrained: bool = True, train_augmentation: str = "none") -> None:
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: bool = True,
+        train_augmentation: Literal["none", "crop_flip"] = "none",
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+    ) -> None:
         super().__init__()
         self.model_name = model_name
         clip = _take_half(model_name, weights_enabled(pretrained), "vision")
@@ -95,7 +105,10 @@ class CLIPImageTower(ImageTower):
         self.projection = clip.visual_projection
         self.pretrained_logit_scale = float(clip.logit_scale.detach().exp())
         self.image_size = int(clip.config.vision_config.image_size)
+        if train_augmentation not in ("none", "crop_flip"):
+            raise ValueError(f"train_augmentation must be 'none' or 'crop_flip', got {train_augmentation!r}")
         self.train_augmentation = train_augmentation
+        self.crop_scale = checked_crop_scale(crop_scale)
 
     def image_transform(self, train: bool) -> ImageTransform:
         """CLIP's preprocessing: bicubic resize of the short side, centre crop, CLIP mean/std."""
@@ -103,7 +116,7 @@ class CLIPImageTower(ImageTower):
         steps: list[nn.Module] = [T.ToImage()]
         if train and self.train_augmentation == "crop_flip":
             steps += [
-                T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomResizedCrop(size, scale=self.crop_scale, interpolation=T.InterpolationMode.BICUBIC),
                 T.RandomHorizontalFlip(),
             ]
         else:

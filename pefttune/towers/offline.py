@@ -58,6 +58,7 @@ class EfficientNetLite0Tower(TimmImageTower):
         embed_dim: projection width (``None``: no projection).
         image_size: input resolution (the network was trained at 224; smaller is faster on CPU).
         train_augmentation: see :class:`TimmImageTower`.
+        crop_scale: see :class:`TimmImageTower`.
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class EfficientNetLite0Tower(TimmImageTower):
         embed_dim: int | None = 512,
         image_size: int = 224,
         train_augmentation: Augmentation = "none",
+        crop_scale: tuple[float, float] = (0.5, 1.0),
     ) -> None:
         super().__init__(
             "tf_efficientnet_lite0",
@@ -75,6 +77,7 @@ class EfficientNetLite0Tower(TimmImageTower):
             mean=LITE0_MEAN,
             std=LITE0_STD,
             train_augmentation=train_augmentation,
+            crop_scale=crop_scale,
         )
         if weights_enabled(pretrained):
             self.model.load_state_dict(efficientnet_lite0_state_dict(), strict=True)

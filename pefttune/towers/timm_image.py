@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Literal, get_args
 
 import timm
 import torch
@@ -11,7 +11,14 @@ from torch import nn
 from torchvision.transforms import v2 as T
 
 from pefttune.data.preprocessing import ImageTransform
-from pefttune.towers.base import BlockInfo, ImageTower, QKVProjections, make_projection, weights_enabled
+from pefttune.towers.base import (
+    BlockInfo,
+    ImageTower,
+    QKVProjections,
+    checked_crop_scale,
+    make_projection,
+    weights_enabled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +43,10 @@ class TimmImageTower(ImageTower):
         mean: per-channel normalisation mean (defaults to the model's pretrained config).
         std: per-channel normalisation std.
         train_augmentation: ``none`` (deterministic; lets a locked tower's features be cached), ``flip``,
-            ``crop`` (random resized crop, scale 0.5-1), ``crop_flip`` or ``trivialaugment`` (crop, flip and
+            ``crop`` (random resized crop), ``crop_flip`` or ``trivialaugment`` (crop, flip and
             TrivialAugmentWide, as DueT).
+        crop_scale: area range ``(min, max)`` of the random resized crop, as fractions of the image; the
+            default (0.5, 1.0) is mild, the papers' Inception-style crop is (0.08, 1.0).
         drop_path_rate: stochastic depth for ViTs.
     """
 
@@ -51,6 +60,7 @@ class TimmImageTower(ImageTower):
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         train_augmentation: Augmentation = "none",
+        crop_scale: tuple[float, float] = (0.5, 1.0),
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
@@ -69,7 +79,12 @@ class TimmImageTower(ImageTower):
         self.mean = tuple(mean or config.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(std or config.get("std", (0.229, 0.224, 0.225)))
         self.interpolation = T.InterpolationMode.BICUBIC
+        if train_augmentation not in get_args(Augmentation):
+            raise ValueError(
+                f"train_augmentation must be one of {get_args(Augmentation)}, got {train_augmentation!r}"
+            )
         self.train_augmentation = train_augmentation
+        self.crop_scale = checked_crop_scale(crop_scale)
         self.projection = make_projection(self.model.num_features, embed_dim)
 
     def _load_checkpoint(self, path: str) -> None:
@@ -90,7 +105,7 @@ class TimmImageTower(ImageTower):
         augment = self.train_augmentation if train else "none"
         steps: list[nn.Module] = [T.ToImage()]
         if augment in ("crop", "crop_flip", "trivialaugment"):
-            steps.append(T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=self.interpolation))
+            steps.append(T.RandomResizedCrop(size, scale=self.crop_scale, interpolation=self.interpolation))
         else:
             steps += [T.Resize(size, interpolation=self.interpolation), T.CenterCrop(size)]
         if augment in ("flip", "crop_flip", "trivialaugment"):

@@ -1,9 +1,11 @@
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2 as T
 
 from pefttune.testing import tiny_bert, tiny_clip, tiny_cnn, tiny_vit
 from pefttune.towers import (
+    CLIPImageTower,
     EfficientNetLite0Tower,
     HFTextTower,
     ImageTower,
@@ -158,3 +160,30 @@ def test_offline_preprocessing_is_minus_127_over_128():
 def test_isinstance_contract():
     image, text = tiny_clip()
     assert isinstance(image, ImageTower) and isinstance(text, TextTower)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda **kw: TimmImageTower("test_vit", pretrained=False, image_size=32, **kw),
+        lambda **kw: EfficientNetLite0Tower(pretrained=False, image_size=32, **kw),
+        lambda **kw: CLIPImageTower("pefttune/tiny-clip", pretrained=False, **kw),
+    ],
+    ids=["timm", "offline", "clip"],
+)
+def test_random_resized_crop_uses_the_configured_area_range(build):
+    def crop_scales(tower):
+        steps = tower.image_transform(train=True).transforms
+        return [step.scale for step in steps if isinstance(step, T.RandomResizedCrop)]
+
+    assert crop_scales(build(train_augmentation="crop_flip")) == [(0.5, 1.0)]
+    assert crop_scales(build(train_augmentation="crop_flip", crop_scale=(0.08, 1.0))) == [(0.08, 1.0)]
+    # Evaluation never crops at random.
+    assert not any(
+        isinstance(step, T.RandomResizedCrop)
+        for step in build(crop_scale=(0.08, 1.0)).image_transform(train=False).transforms
+    )
+    with pytest.raises(ValueError, match="crop_scale"):
+        build(train_augmentation="crop_flip", crop_scale=(0.0, 1.0))
+    with pytest.raises(ValueError, match="train_augmentation"):
+        build(train_augmentation="crop_and_flip")
