@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-images", type=int, default=512, help="512: the offline default")
     parser.add_argument("--batch-size", type=int, default=64, help="64: configs/lit.yaml")
-    parser.add_argument("--image-size", type=int, default=None, help="None: configs/lit.yaml's (96)")
+    parser.add_argument("--image-size", type=int, default=None, help="None: configs/lit.yaml's (224)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
