@@ -33,6 +33,30 @@ def tiny_clip(max_length: int = 16) -> tuple[CLIPImageTower, CLIPTextTower]:
     )
 
 
+def tiny_tower_config() -> dict[str, dict]:
+    """``tiny_vit()`` and ``tiny_bert()`` as LightningCLI ``class_path`` specs of a config's model section.
+
+    Returns:
+        ``{"image_tower": {...}, "text_tower": {...}}``, ready to merge into ``model.init_args`` (a fresh
+        dict on every call, so callers may modify it).
+    """
+    return {
+        "image_tower": {
+            "class_path": "pefttune.towers.TimmImageTower",
+            "init_args": {"model_name": "test_vit", "pretrained": False, "embed_dim": 24, "image_size": 32},
+        },
+        "text_tower": {
+            "class_path": "pefttune.towers.HFTextTower",
+            "init_args": {
+                "model_name": "pefttune/tiny-bert",
+                "pretrained": False,
+                "embed_dim": 24,
+                "max_length": 16,
+            },
+        },
+    }
+
+
 TINY_TOWER_PAIRS: dict[str, Callable[[], tuple[ImageTower, TextTower]]] = {
     "vit+bert": lambda: (tiny_vit(), tiny_bert()),
     "cnn+bert": lambda: (tiny_cnn(), tiny_bert()),

@@ -16,7 +16,7 @@ from pefttune.data import ImageTextDataModule
 from pefttune.metrics.functional import topk_retrieval
 from pefttune.module import DualEncoderModule
 from pefttune.strategies.lit import LiT
-from pefttune.testing import tiny_bert, tiny_vit
+from pefttune.testing import tiny_bert, tiny_tower_config, tiny_vit
 from pefttune.visualize import (
     CORRECT_COLOR,
     WRONG_COLOR,
@@ -255,24 +255,7 @@ def test_command_writes_png_from_checkpoint(tmp_path) -> None:
         "model": {
             "class_path": "pefttune.module.DualEncoderModule",
             "init_args": {
-                "image_tower": {
-                    "class_path": "pefttune.towers.TimmImageTower",
-                    "init_args": {
-                        "model_name": "test_vit",
-                        "pretrained": False,
-                        "embed_dim": 24,
-                        "image_size": 32,
-                    },
-                },
-                "text_tower": {
-                    "class_path": "pefttune.towers.HFTextTower",
-                    "init_args": {
-                        "model_name": "pefttune/tiny-bert",
-                        "pretrained": False,
-                        "embed_dim": 24,
-                        "max_length": 16,
-                    },
-                },
+                **tiny_tower_config(),
                 "strategy": {"class_path": "pefttune.strategies.lit.LiT"},
             },
         },

@@ -33,7 +33,7 @@ from pefttune.evaluation import ZeroShotMetric
 from pefttune.metrics.zeroshot import ZeroShotAccuracy, harmonic_mean
 from pefttune.module import DualEncoderModule
 from pefttune.strategies import FullFineTune
-from pefttune.testing import tiny_bert, tiny_vit
+from pefttune.testing import tiny_bert, tiny_tower_config, tiny_vit
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_TO_NEW = REPO / "configs" / "zeroshot" / "base_to_new_synthetic.yaml"
@@ -382,24 +382,7 @@ def test_base_to_new_config_fits_and_tests_through_main(tmp_path):
         "model": {
             "class_path": "pefttune.module.DualEncoderModule",
             "init_args": {
-                "image_tower": {
-                    "class_path": "pefttune.towers.TimmImageTower",
-                    "init_args": {
-                        "model_name": "test_vit",
-                        "pretrained": False,
-                        "embed_dim": 24,
-                        "image_size": 32,
-                    },
-                },
-                "text_tower": {
-                    "class_path": "pefttune.towers.HFTextTower",
-                    "init_args": {
-                        "model_name": "pefttune/tiny-bert",
-                        "pretrained": False,
-                        "embed_dim": 24,
-                        "max_length": 16,
-                    },
-                },
+                **tiny_tower_config(),
                 "strategy": {"class_path": "pefttune.strategies.full.FullFineTune"},
             },
         },

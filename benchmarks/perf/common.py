@@ -16,23 +16,6 @@ REPO = Path(__file__).resolve().parents[2]
 METHODS = ("full", "lit", "duet", "cma", "lora", "apex")
 
 
-TINY_TOWERS = {
-    "image_tower": {
-        "class_path": "pefttune.towers.TimmImageTower",
-        "init_args": {"model_name": "test_vit", "pretrained": False, "embed_dim": 24, "image_size": 32},
-    },
-    "text_tower": {
-        "class_path": "pefttune.towers.HFTextTower",
-        "init_args": {
-            "model_name": "pefttune/tiny-bert",
-            "pretrained": False,
-            "embed_dim": 24,
-            "max_length": 16,
-        },
-    },
-}
-
-
 def build_model(config: str, image_size: int | None = None, tiny: bool = False):
     """The ``model`` section of a fit config (real offline weights), optionally at another image size.
 
@@ -42,10 +25,13 @@ def build_model(config: str, image_size: int | None = None, tiny: bool = False):
     import json
 
     from pefttune.cli import build_model_from_config
+    from pefttune.testing import tiny_tower_config
 
     overrides = []
     if tiny:
-        overrides += [f"--model.init_args.{name}={json.dumps(spec)}" for name, spec in TINY_TOWERS.items()]
+        overrides += [
+            f"--model.init_args.{name}={json.dumps(spec)}" for name, spec in tiny_tower_config().items()
+        ]
     elif image_size is not None:
         overrides.append(f"--model.init_args.image_tower.init_args.image_size={image_size}")
     return build_model_from_config(str(REPO / config), overrides)

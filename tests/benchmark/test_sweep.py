@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from pefttune.benchmark.sweep import sweep_main
+from pefttune.testing import tiny_tower_config
 
 TINY_CONFIG = {
     "seed_everything": 0,
@@ -16,24 +17,7 @@ TINY_CONFIG = {
     "model": {
         "class_path": "pefttune.module.DualEncoderModule",
         "init_args": {
-            "image_tower": {
-                "class_path": "pefttune.towers.TimmImageTower",
-                "init_args": {
-                    "model_name": "test_vit",
-                    "pretrained": False,
-                    "embed_dim": 24,
-                    "image_size": 32,
-                },
-            },
-            "text_tower": {
-                "class_path": "pefttune.towers.HFTextTower",
-                "init_args": {
-                    "model_name": "pefttune/tiny-bert",
-                    "pretrained": False,
-                    "embed_dim": 24,
-                    "max_length": 16,
-                },
-            },
+            **tiny_tower_config(),
             "strategy": {"class_path": "pefttune.strategies.full.FullFineTune"},
         },
     },

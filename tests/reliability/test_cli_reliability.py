@@ -11,6 +11,7 @@ import yaml
 
 from pefttune.checkpointing import AdapterMismatchError
 from pefttune.cli import cli_main, main
+from pefttune.testing import tiny_tower_config
 
 
 def _config(tmp_path, strategy=None, image_tower=None, **data):
@@ -28,25 +29,8 @@ def _config(tmp_path, strategy=None, image_tower=None, **data):
         "model": {
             "class_path": "pefttune.module.DualEncoderModule",
             "init_args": {
-                "image_tower": image_tower
-                or {
-                    "class_path": "pefttune.towers.TimmImageTower",
-                    "init_args": {
-                        "model_name": "test_vit",
-                        "pretrained": False,
-                        "embed_dim": 24,
-                        "image_size": 32,
-                    },
-                },
-                "text_tower": {
-                    "class_path": "pefttune.towers.HFTextTower",
-                    "init_args": {
-                        "model_name": "pefttune/tiny-bert",
-                        "pretrained": False,
-                        "embed_dim": 24,
-                        "max_length": 16,
-                    },
-                },
+                **tiny_tower_config(),
+                **({"image_tower": image_tower} if image_tower else {}),
                 "strategy": strategy
                 or {"class_path": "pefttune.strategies.duet.DueT", "init_args": {"width": 16}},
             },
