@@ -50,7 +50,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pefttune.data.datamodule import ImageTextDataModule, Role
-from pefttune.data.datasets import EpochDataLoader, TrainCollate, check_images, load_image
+from pefttune.data.datasets import EpochDataLoader, TrainCollate, load_image
 from pefttune.data.formats import FORMATS
 from pefttune.data.preprocessing import ImageTransform
 from pefttune.data.records import (
@@ -59,7 +59,6 @@ from pefttune.data.records import (
     ImageCaptionRecord,
     OnError,
     SkipReport,
-    select_split,
 )
 from pefttune.data.synthetic import SyntheticScenes
 
@@ -615,19 +614,9 @@ class ClassificationDataModule(ImageTextDataModule):
         records = read_image_folder(
             source, split=str(default_split), on_error=self.on_error, report=self.skip_report
         )
-        try:
-            records = select_split(records, split, source=source)
-        except DataFormatError as err:
-            hint = f"; set {role}_source to a folder of that split, or {role}_split=None to disable it"
-            raise DataFormatError(str(err) + (hint if role != "train" else "")) from None
-        if role != "train" and self.max_eval_images is not None:
-            records = records[: self.max_eval_images]
-        if self.validate_images:
-            records = check_images(records, on_error=self.on_error, report=self.skip_report)
-            if not records:
-                raise DataFormatError(f"{source}: no image of split {split!r} could be loaded")
-        self._folder_records[role] = records
-        return records
+        records = self._select_split(records, role, split, source, "a folder")
+        self._folder_records[role] = self._limit_and_check(records, role, split, source)
+        return self._folder_records[role]
 
     def labelled_records(self, role: Role) -> list[ImageCaptionRecord]:
         """The records of a split that have a label in the vocabulary (``classes``, when given).

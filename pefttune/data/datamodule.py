@@ -296,18 +296,31 @@ class ImageTextDataModule(LightningDataModule):
                     check_files=self.check_files,
                     **self._read_options,
                 )
-            try:
-                records = select_split(self._files[key], split, source=source)
-            except DataFormatError as err:
-                hint = f"; set {role}_source to a file of that split, or {role}_split=None to disable it"
-                raise DataFormatError(str(err) + (hint if role != "train" else "")) from None
+            records = self._select_split(self._files[key], role, split, source, "a file")
+        self._records[role] = self._limit_and_check(records, role, split, source)
+        return self._records[role]
+
+    @staticmethod
+    def _select_split(
+        records: list[ImageCaptionRecord], role: Role, split: str, source: str, kind: str
+    ) -> list[ImageCaptionRecord]:
+        """The records of ``split``; the error for a missing split says how to point ``role`` elsewhere."""
+        try:
+            return select_split(records, split, source=source)
+        except DataFormatError as err:
+            hint = f"; set {role}_source to {kind} of that split, or {role}_split=None to disable it"
+            raise DataFormatError(str(err) + (hint if role != "train" else "")) from None
+
+    def _limit_and_check(
+        self, records: list[ImageCaptionRecord], role: Role, split: str, source: str
+    ) -> list[ImageCaptionRecord]:
+        """Cap an evaluation split at ``max_eval_images`` and, if asked, check that its images load."""
         if role != "train" and self.max_eval_images is not None:
             records = records[: self.max_eval_images]
         if self.validate_images:
             records = check_images(records, on_error=self.on_error, report=self._report)
             if not records:
                 raise DataFormatError(f"{source}: no image of split {split!r} could be loaded")
-        self._records[role] = records
         return records
 
     @staticmethod
