@@ -85,6 +85,14 @@ def _check_embeddings(name: str, embeds: Tensor) -> None:
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
+def _check_comparable(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    """Two embedding matrices to be scored against each other: same width, same device."""
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{name_a} and {name_b} must have the same width, got {a.shape[1]} and {b.shape[1]}")
+    if a.device != b.device:
+        raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
+
+
 def _check_ids(name: str, ids: Tensor, length: int, length_name: str) -> None:
     if not isinstance(ids, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
@@ -159,16 +167,7 @@ def _validated(
     """Validate retrieval inputs; return (images, captions, owner rows) ready for ranking."""
     _check_embeddings("image_embeds", image_embeds)
     _check_embeddings("text_embeds", text_embeds)
-    if image_embeds.shape[1] != text_embeds.shape[1]:
-        raise ValueError(
-            f"image_embeds and text_embeds must have the same width, got {image_embeds.shape[1]} "
-            f"and {text_embeds.shape[1]}"
-        )
-    if image_embeds.device != text_embeds.device:
-        raise ValueError(
-            f"image_embeds and text_embeds must be on the same device, got {image_embeds.device} "
-            f"and {text_embeds.device}"
-        )
+    _check_comparable("image_embeds", image_embeds, "text_embeds", text_embeds)
     _check_ids("image_ids", image_ids, image_embeds.shape[0], "image_embeds")
     _check_ids("text_image_ids", text_image_ids, text_embeds.shape[0], "text_embeds")
     device = image_embeds.device
@@ -418,16 +417,7 @@ def topk_retrieval(
     _check_chunk_size(chunk_size)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    if query_embeds.shape[1] != gallery_embeds.shape[1]:
-        raise ValueError(
-            f"query_embeds and gallery_embeds must have the same width, got {query_embeds.shape[1]} "
-            f"and {gallery_embeds.shape[1]}"
-        )
-    if query_embeds.device != gallery_embeds.device:
-        raise ValueError(
-            f"query_embeds and gallery_embeds must be on the same device, got {query_embeds.device} "
-            f"and {gallery_embeds.device}"
-        )
+    _check_comparable("query_embeds", query_embeds, "gallery_embeds", gallery_embeds)
     dtype = _compute_dtype(query_embeds, gallery_embeds)
     queries, gallery = query_embeds.to(dtype), gallery_embeds.to(dtype)
     k = min(k, gallery.shape[0])
