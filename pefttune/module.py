@@ -28,6 +28,7 @@ from pefttune.optim import Constant, WarmupCosine
 from pefttune.strategies.base import PARAMETER_GROUPS, AdaptationStrategy
 from pefttune.strategies.full import FullFineTune
 from pefttune.towers.base import ImageTower, TextTower
+from pefttune.towers.temporal import MeanPooling, TemporalAggregator
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class NonFiniteLossError(RuntimeError):
 class _ForgetCachedFeatures:
     """``load_state_dict`` post-hook that empties the locked image features cache (picklable)."""
 
-    def __init__(self, cache: dict[int, torch.Tensor]) -> None:
+    def __init__(self, cache: dict[Any, torch.Tensor]) -> None:
         self.cache = cache
 
     def __call__(self, _module: nn.Module, _incompatible_keys: Any) -> None:
@@ -65,7 +66,9 @@ class DualEncoderModule(LightningModule):
         nonfinite_loss: ``raise`` stops with an error naming the step and the last checkpoint; ``skip``
             skips the step (on every rank together) and counts it.
         cache_locked_image_features: reuse a locked image tower's features across epochs when the training
-            transform is deterministic (identical results, far fewer forward passes).
+            transform is deterministic (identical results, far fewer forward passes); videos per frame.
+        temporal: how video frames become one embedding (:mod:`pefttune.towers.temporal`); mean pooling
+            (CLIP4Clip ``meanP``) when omitted. Used only by video batches (5-D ``pixel_values``).
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class DualEncoderModule(LightningModule):
         eval_chunk_size: int = 1024,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
         cache_locked_image_features: bool = True,
+        temporal: TemporalAggregator | None = None,
     ) -> None:
         super().__init__()
         # No save_hyperparameters(): the towers and the strategy are modules, so the run's YAML (saved
@@ -91,11 +95,13 @@ class DualEncoderModule(LightningModule):
         self.nonfinite_loss = nonfinite_loss
         self.cache_locked_image_features = cache_locked_image_features
         self.skipped_steps = 0
-        self._image_feature_cache: dict[int, torch.Tensor] = {}
+        # Keys: image id (images, normalised embeddings) or (video id, frame index) (videos, tower outputs).
+        self._image_feature_cache: dict[Any, torch.Tensor] = {}
         self.configure_towers(image_tower, text_tower)
         # New image-tower weights make cached features stale (also when a parent module loads them).
         self.image_tower.register_load_state_dict_post_hook(_ForgetCachedFeatures(self._image_feature_cache))
         self.configure_strategy(strategy or FullFineTune())
+        self.configure_temporal(temporal)
         self.configure_losses(loss)
         self.configure_temperature()
         self.configure_metrics(tuple(retrieval_top_k), eval_chunk_size)
@@ -120,6 +126,19 @@ class DualEncoderModule(LightningModule):
         """Let the strategy adapt the towers (once)."""
         self.strategy = strategy
         strategy.apply(self.image_tower, self.text_tower)
+
+    def configure_temporal(self, temporal: TemporalAggregator | None) -> None:
+        """Attach the temporal aggregator of video frames, built for the image tower's embedding width.
+
+        After the strategy, so that a trainable aggregator's random initialisation leaves the seeded
+        initialisation of the strategy's modules as it is for images.
+        """
+        if temporal is None:
+            temporal = MeanPooling()
+        if not isinstance(temporal, TemporalAggregator):
+            raise TypeError(f"temporal must be a TemporalAggregator, got {type(temporal).__name__}")
+        temporal.bind(self.image_tower.embed_dim)
+        self.temporal = temporal
 
     def configure_temperature(self) -> None:
         """Create the logit scale (stored as its log, like CLIP) following the strategy's policy."""
@@ -166,9 +185,38 @@ class DualEncoderModule(LightningModule):
             datamodule.set_prompt_prefix(text_prompt_prefix(self.strategy))
 
     # -- encoding ----------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image embeddings [B, D]."""
-        return F.normalize(self.image_tower(pixel_values), dim=-1)
+    def embed_images(
+        self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Unnormalised embeddings [B, D] of images [B, C, H, W] or videos [B, T, C, H, W].
+
+        A video's T frames are folded into the batch for the image tower ([B*T, C, H, W]); the temporal
+        aggregator turns the frame embeddings [B, T, D] and ``frame_mask`` [B, T] (True = real frame; all
+        real when omitted) into one embedding per video.
+        """
+        if pixel_values.ndim == 4:
+            if frame_mask is not None:
+                raise ValueError("frame_mask belongs to videos [B, T, C, H, W], but pixel_values is 4-D")
+            return self.image_tower(pixel_values)
+        frames = self._frame_embeddings(pixel_values)
+        return self.temporal(frames, frame_mask)
+
+    def _frame_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image tower on every frame of videos [B, T, C, H, W] -> [B, T, D]."""
+        if pixel_values.ndim != 5:
+            raise ValueError(
+                "pixel_values must be images [B, C, H, W] or videos [B, T, C, H, W], "
+                f"got shape {tuple(pixel_values.shape)}"
+            )
+        batch, length = pixel_values.shape[:2]
+        frames = self.image_tower(pixel_values.flatten(0, 1))
+        return frames.reshape(batch, length, -1)
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """L2-normalised image (or video) embeddings [B, D] (see :meth:`embed_images`)."""
+        return F.normalize(self.embed_images(pixel_values, frame_mask), dim=-1)
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """L2-normalised text embeddings [T, D]."""
@@ -176,13 +224,15 @@ class DualEncoderModule(LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image and text embeddings of a batch (training layout or evaluation layout)."""
-        return self.encode_images(batch["pixel_values"]), self.encode_texts(
+        return self.encode_images(batch["pixel_values"], batch.get("frame_mask")), self.encode_texts(
             batch["input_ids"], batch["attention_mask"]
         )
 
     def _training_image_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if not self._can_cache_image_features():
-            return self.encode_images(batch["pixel_values"])
+            return self.encode_images(batch["pixel_values"], batch.get("frame_mask"))
+        if batch["pixel_values"].ndim == 5:
+            return self._cached_video_embeddings(batch)
         ids = batch["image_ids"].tolist()
         missing = [i for i, image_id in enumerate(ids) if image_id not in self._image_feature_cache]
         if missing:
@@ -191,6 +241,50 @@ class DualEncoderModule(LightningModule):
             for row, i in enumerate(missing):
                 self._image_feature_cache[ids[i]] = fresh[row].detach()
         return torch.stack([self._image_feature_cache[image_id] for image_id in ids])
+
+    def _cached_video_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Video embeddings from per-frame features of the locked tower, cached by (video id, frame index).
+
+        Only the tower's output is cached: the temporal aggregator runs on every step (it may train).
+        """
+        pixel_values = batch["pixel_values"]
+        batch_size, length = pixel_values.shape[:2]
+        if "frame_indices" not in batch:
+            raise KeyError(
+                "a video batch needs 'frame_indices' [B, T] (each frame's index in its clip) for the locked "
+                "image feature cache; set model.cache_locked_image_features=false for data without them"
+            )
+        frame_mask = batch.get("frame_mask")
+        if frame_mask is None:
+            frame_mask = torch.ones(batch_size, length, dtype=torch.bool, device=pixel_values.device)
+        ids = batch["image_ids"].tolist()
+        indices = batch["frame_indices"].tolist()
+        real = frame_mask.tolist()
+        keys = [[(ids[b], int(indices[b][t])) for t in range(length)] for b in range(batch_size)]
+        missing = [
+            (b, t)
+            for b in range(batch_size)
+            for t in range(length)
+            if real[b][t] and keys[b][t] not in self._image_feature_cache
+        ]
+        if missing:
+            rows = torch.tensor([b * length + t for b, t in missing], device=pixel_values.device)
+            fresh = self.image_tower(pixel_values.flatten(0, 1).index_select(0, rows))
+            for row, (b, t) in enumerate(missing):
+                self._image_feature_cache[keys[b][t]] = fresh[row].detach()
+        first_real = next((keys[b][t] for b in range(batch_size) for t in range(length) if real[b][t]), None)
+        # Padded frames are zeros the aggregator never reads (a video without real frames fails there).
+        reference = self._image_feature_cache[first_real] if first_real is not None else pixel_values
+        padding = reference.new_zeros(self.image_tower.embed_dim)
+        frames = torch.stack(
+            [
+                torch.stack(
+                    [self._image_feature_cache[keys[b][t]] if real[b][t] else padding for t in range(length)]
+                )
+                for b in range(batch_size)
+            ]
+        )
+        return F.normalize(self.temporal(frames, frame_mask), dim=-1)
 
     def _can_cache_image_features(self) -> bool:
         return (
@@ -279,7 +373,12 @@ class DualEncoderModule(LightningModule):
     # -- evaluation --------------------------------------------------------------------------------
     def evaluation_embeddings(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image and text embeddings of an evaluation batch, as the strategy evaluates them."""
-        images = self.strategy.evaluation_image_embeddings(self, batch["pixel_values"])
+        if "frame_mask" in batch:  # videos; image batches keep the two-argument call of custom strategies
+            images = self.strategy.evaluation_image_embeddings(
+                self, batch["pixel_values"], batch["frame_mask"]
+            )
+        else:
+            images = self.strategy.evaluation_image_embeddings(self, batch["pixel_values"])
         texts = self.strategy.evaluation_text_embeddings(self, batch["input_ids"], batch["attention_mask"])
         return images, texts
 

@@ -86,7 +86,7 @@ def test_offline_config_fits_tests_and_predicts(config, tmp_path):
 def test_paper_config_builds_without_weights(config, capsys):
     main(["inspect", "--config", config, "--no-weights", "--json"])
     report = json.loads(capsys.readouterr().out)
-    assert set(report["trainable_by_group"]) == {"method", "backbone", "head", "temperature"}
+    assert set(report["trainable_by_group"]) == {"method", "backbone", "head", "temperature", "temporal"}
     assert report["trainable_params"] == sum(report["trainable_by_group"].values())
     expected = PAPER_TRAINABLE.get(os.path.basename(config), {})
     if "trainable_params" in expected:

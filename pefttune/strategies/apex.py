@@ -535,21 +535,21 @@ class APEX(AdaptationStrategy):
         )
 
     def evaluation_image_embeddings(
-        self, module: DualEncoderModule, pixel_values: torch.Tensor
+        self, module: DualEncoderModule, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``mean(alpha) * prompted + (1 - mean(alpha)) * frozen``, then normalised."""
+        """``mean(alpha) * prompted + (1 - mean(alpha)) * frozen``, then normalised (videos: per video)."""
         if not self.ensemble:
-            return super().evaluation_image_embeddings(module, pixel_values)
+            return super().evaluation_image_embeddings(module, pixel_values, frame_mask)
         alpha = self._image_alpha
         if alpha is None:
             self._warn_once("start", "APEX: on_evaluation_start was not called; no image-side ensemble")
             alpha = 1.0
-        prompted = module.image_tower(pixel_values)
+        prompted = module.embed_images(pixel_values, frame_mask)
         if alpha >= 1.0:
             return F.normalize(prompted, dim=-1)
         reference: PromptMode = "reference" if self.reference_prompts == "random" else "off"
         with self.components(visual=reference):
-            frozen = module.image_tower(pixel_values)
+            frozen = module.embed_images(pixel_values, frame_mask)
         return F.normalize(alpha * prompted + (1.0 - alpha) * frozen, dim=-1)
 
     def evaluation_text_embeddings(

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     from pefttune.losses import ContrastiveLoss
     from pefttune.module import DualEncoderModule
 
-PARAMETER_GROUPS = ("method", "backbone", "head", "temperature")
+PARAMETER_GROUPS = ("method", "backbone", "head", "temperature", "temporal")
+# The model's temporal aggregator (video): parameters named ``temporal.*`` (pefttune.towers.temporal).
+TEMPORAL_PREFIX = "temporal."
 TEMPERATURE_NAMES = ("logit_scale", "logit_bias")
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
 
@@ -71,7 +73,7 @@ class AdaptationStrategy(nn.Module, abc.ABC):
     Args:
         temperature: overrides the method's default temperature policy.
         group_lr: absolute learning rates per parameter group (``method``, ``backbone``, ``head``,
-            ``temperature``); groups not named use the optimizer's learning rate.
+            ``temperature``, ``temporal``); groups not named use the optimizer's learning rate.
         no_decay_norms_and_biases: exclude biases, norm gains, scalars and the temperature from weight decay.
     """
 
@@ -121,10 +123,15 @@ class AdaptationStrategy(nn.Module, abc.ABC):
         """
 
     def evaluation_image_embeddings(
-        self, module: DualEncoderModule, pixel_values: torch.Tensor
+        self, module: DualEncoderModule, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Normalised image embeddings at evaluation (the plain towers by default)."""
-        return module.encode_images(pixel_values)
+        """Normalised image (or video) embeddings at evaluation (the plain towers by default).
+
+        Videos arrive as ``pixel_values`` [B, T, C, H, W] with ``frame_mask`` [B, T]; an override encodes
+        through ``module.embed_images(pixel_values, frame_mask)`` (unnormalised, one row per item) so that it
+        works on both.
+        """
+        return module.encode_images(pixel_values, frame_mask)
 
     def evaluation_text_embeddings(
         self, module: DualEncoderModule, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -157,6 +164,8 @@ class AdaptationStrategy(nn.Module, abc.ABC):
         leaf = name.rsplit(".", 1)[-1]
         if leaf in TEMPERATURE_NAMES:
             return "temperature"
+        if name.startswith(TEMPORAL_PREFIX):
+            return "temporal"
         if self.prefix and any(part.startswith(self.prefix) for part in name.split(".")):
             return "method"
         if ".projection." in f".{name}":
@@ -195,7 +204,7 @@ class AdaptationStrategy(nn.Module, abc.ABC):
         return groups
 
     def trainable_by_group(self, module: nn.Module) -> dict[str, int]:
-        """Trainable parameter counts in the four groups."""
+        """Trainable parameter counts in the groups of ``PARAMETER_GROUPS``."""
         counts = dict.fromkeys(PARAMETER_GROUPS, 0)
         for name, parameter in self.named_trainable(module):
             counts[self.group_of(name)] += parameter.numel()

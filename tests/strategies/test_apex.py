@@ -550,4 +550,10 @@ def test_paper_parameter_count_on_clip_vit_b16() -> None:
     config = Path(__file__).parents[2] / "configs" / "paper" / "apex_clip_vitb16.yaml"
     report = inspect_main(["--config", str(config), "--no-weights"])
     assert report["trainable_params"] == 282_112
-    assert report["trainable_by_group"] == {"method": 282_112, "backbone": 0, "head": 0, "temperature": 0}
+    assert report["trainable_by_group"] == {
+        "method": 282_112,
+        "backbone": 0,
+        "head": 0,
+        "temperature": 0,
+        "temporal": 0,
+    }

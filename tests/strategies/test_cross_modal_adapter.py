@@ -206,6 +206,7 @@ def test_trainable_count_matches_the_formula(tower_pair):
         "backbone": 0,
         "head": 0,
         "temperature": 0,
+        "temporal": 0,
     }
 
 
@@ -366,7 +367,13 @@ def test_paper_config_trains_the_published_519168_adapter_parameters():
 
     report = inspect_main(["--config", str(CONFIGS / "paper" / "cma_clip_vitb32.yaml"), "--no-weights"])
     assert report["trainable_params"] == 519_168
-    assert report["trainable_by_group"] == {"method": 519_168, "backbone": 0, "head": 0, "temperature": 0}
+    assert report["trainable_by_group"] == {
+        "method": 519_168,
+        "backbone": 0,
+        "head": 0,
+        "temperature": 0,
+        "temporal": 0,
+    }
     assert report["trainable_by_tower"] == {"image": 310_080, "text": 205_632, "other": 3_456}
 
 
@@ -383,6 +390,7 @@ def test_offline_config_trains_adapters_and_heads_at_a_fixed_temperature():
         "backbone": 0,
         "head": (1280 + 384) * 512,
         "temperature": 0,
+        "temporal": 0,
     }
     assert module.logit_scale_value.item() == pytest.approx(20.0)
     assert module.strategy.block_pairs == [(1, 0), (4, 1), (7, 2), (9, 3), (12, 4), (15, 5)]

@@ -176,7 +176,13 @@ def test_defaults_follow_clip_lora(tower_pair) -> None:
     expected = _expected_lora_count(image_tower, 2) + _expected_lora_count(text_tower, 2)
     module = DualEncoderModule(image_tower, text_tower, strategy=LoRA(train_projections=False))
     report = module.parameter_report()
-    assert report["trainable_by_group"] == {"method": expected, "backbone": 0, "head": 0, "temperature": 0}
+    assert report["trainable_by_group"] == {
+        "method": expected,
+        "backbone": 0,
+        "head": 0,
+        "temperature": 0,
+        "temporal": 0,
+    }
     assert _lora_count(module) == expected
     assert math.isclose(float(module.logit_scale_value), 100.0, rel_tol=1e-6)
     assert not module.logit_scale.requires_grad
@@ -440,7 +446,13 @@ def test_paper_config_counts_184320() -> None:
 
     report = inspect_main(["--config", str(REPO / "configs/paper/lora_clip_vitb16.yaml"), "--no-weights"])
     assert report["trainable_params"] == 184_320
-    assert report["trainable_by_group"] == {"method": 184_320, "backbone": 0, "head": 0, "temperature": 0}
+    assert report["trainable_by_group"] == {
+        "method": 184_320,
+        "backbone": 0,
+        "head": 0,
+        "temperature": 0,
+        "temporal": 0,
+    }
     assert report["trainable_by_tower"] == {"image": 110_592, "text": 73_728, "other": 0}
 
 
