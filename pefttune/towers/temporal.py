@@ -14,10 +14,10 @@ reuses unchanged:
   L2-normalised, then averaged over the real frames. No parameters. It ignores frame order: a clip and the
   same clip reversed get the same embedding.
 * :class:`SequenceTransformer` (CLIP4Clip ``seqTransf``): learned frame-position embeddings are added to the
-  frame embeddings, a small pre-LayerNorm transformer encoder (CLIP's residual attention block, QuickGELU
-  MLP; padded frames masked out as attention keys) runs over the T frames, its output is added back to the
-  *original* frame embeddings (a residual around the whole module), then the same normalise-and-average as
-  ``meanP``. Frame order now matters.
+  (normalised, see below) frame embeddings, a small pre-LayerNorm transformer encoder (CLIP's residual
+  attention block, QuickGELU MLP; padded frames masked out as attention keys) runs over the T frames, its
+  output is added back to the input frame embeddings (a residual around the whole module), then the same
+  normalise-and-average as ``meanP``. Frame order now matters.
 
 Initialisation of :class:`SequenceTransformer`: CLIP4Clip copies CLIP's text position embeddings and the
 first ``cross_num_hidden_layers`` (4) blocks of CLIP's *text* transformer into the module. pefttune's towers
@@ -27,6 +27,14 @@ biases; unit LayerNorm gains) with the two output projections of every block (at
 MLP ``c_proj``) set to zero. Every residual branch then starts at zero, the transformer is the identity,
 and the module computes ``normalise(2 * frame + position)`` per frame: mean pooling plus small position
 offsets. Training moves it away from ``meanP`` only as far as the data asks.
+
+One more difference: the frame embeddings are L2-normalised before they enter the module (CLIP4Clip feeds
+CLIP's raw projected embeddings, whose scale CLIP's training fixed). pefttune's towers give embeddings of
+very different norms (a new random projection head on EfficientNet-Lite0 or a tiny test tower: ~0.03;
+CLIP ViT-B/32: ~10), and both the additive position table and the transformer's residual stream depend on
+that scale: on small raw embeddings the positions would drown the frames and every video would start out
+alike. On unit-length frames the module behaves the same for every tower. Normalising also matches what
+``meanP`` averages (normalised frames), so the residual ``+ frame`` term is exactly ``meanP``'s input.
 
 A new aggregator subclasses :class:`TemporalAggregator` and implements :meth:`TemporalAggregator.build`
 (create parameters for the embedding width) and :meth:`TemporalAggregator.aggregate`.
@@ -184,7 +192,8 @@ class _ResidualAttentionBlock(nn.Module):
 class SequenceTransformer(TemporalAggregator):
     """CLIP4Clip ``seqTransf``: a transformer over the frame embeddings, residual to the mean-pooled frames.
 
-    ``out_t = transformer(frame_t + position_t) + frame_t``; the video embedding is the mean over real frames
+    ``out_t = transformer(f_t + position_t) + f_t`` with ``f_t`` the normalised frame embedding; the video
+    embedding is the mean over real frames
     of ``normalise(out_t)``. Padded frames take part neither as attention keys nor in the mean. The module
     starts at mean pooling plus small position offsets (see the module docstring for the initialisation
     and how it differs from CLIP4Clip's copy of CLIP's text transformer).
@@ -259,6 +268,9 @@ class SequenceTransformer(TemporalAggregator):
                 f"SequenceTransformer has positions for {self.max_frames} frames, got clips of {length}; "
                 "raise max_frames"
             )
+        # Unit-length inputs: the position table and the residual stream then have one scale for every tower
+        # (raw tower outputs range from ~0.03 to ~30 in norm; see the module docstring).
+        frames = F.normalize(frames, dim=-1)
         positions = torch.arange(length, device=frames.device)
         hidden = frames + self.frame_position_embeddings(positions).to(frames.dtype)
         padding = ~frame_mask
