@@ -155,6 +155,14 @@ class APEX(AdaptationStrategy):
 
     prefix: ClassVar[str] = "apex_"
     default_temperature: ClassVar[TemperaturePolicy] = TemperaturePolicy(init=None, learnable=False)
+    # Evaluation-only options (the ensemble) and initialisation may differ from an adapter checkpoint's.
+    init_only_arguments: ClassVar[tuple[str, ...]] = (
+        "prompt_init_std",
+        "ensemble",
+        "ensemble_beta",
+        "ensemble_threshold",
+        "bank_seed",
+    )
 
     def __init__(
         self,
@@ -200,18 +208,6 @@ class APEX(AdaptationStrategy):
         # same config load into a freshly built model, adapter-only ones included.
         self.register_buffer("apex_text_bank", torch.zeros(0, 0), persistent=True)
         self.register_buffer("apex_text_bank_rows", torch.tensor(0), persistent=True)
-        #: The arguments that define the trained tensors, kept in adapter-only checkpoints
-        #: (:mod:`pefttune.checkpointing`); the evaluation-only options may differ when loading.
-        self.init_args: dict[str, Any] = {
-            "visual_prompt_tokens": visual_prompt_tokens,
-            "visual_prompt_depth": visual_prompt_depth,
-            "pixel_prompt_pad": pixel_prompt_pad,
-            "text_context_init": text_context_init,
-            "text_context_length": text_context_length,
-            "train_projections": train_projections,
-            "bank_size": bank_size,
-            "reference_prompts": reference_prompts,
-        }
         # Plain lists: the modules live in the towers, registering them here would duplicate their weights.
         self._visual_modules: list[nn.Module] = []
         self._context_modules: list[TextContext] = []

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
+import inspect
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -20,6 +23,8 @@ if TYPE_CHECKING:
     from pefttune.module import DualEncoderModule
 
 PARAMETER_GROUPS = ("method", "backbone", "head", "temperature")
+#: The base class's own constructor arguments: how the method trains, never what its tensors compute.
+BASE_ARGUMENTS = ("temperature", "group_lr", "no_decay_norms_and_biases")
 TEMPERATURE_NAMES = ("logit_scale", "logit_bias")
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
 
@@ -60,6 +65,9 @@ class AdaptationStrategy(nn.Module, abc.ABC):
     * ``default_temperature`` (class attribute, a :class:`TemperaturePolicy`); users may override it with
       the ``temperature`` argument.
     * :meth:`default_loss` (optional): the method's loss when the config names none (InfoNCE by default).
+    * ``init_only_arguments`` (class attribute): constructor arguments that only shape initialisation,
+      training or evaluation, which an adapter-only checkpoint need not match (see
+      :meth:`checkpoint_arguments`).
 
     And, rarely:
 
@@ -79,6 +87,10 @@ class AdaptationStrategy(nn.Module, abc.ABC):
     default_temperature: ClassVar[TemperaturePolicy] = TemperaturePolicy()
     # Words a learned input-level text context plays (APEX: "a photo"); class prompts drop them.
     text_prompt_prefix: ClassVar[str] = ""
+    #: Constructor arguments left out of :meth:`checkpoint_arguments`: they change how the method starts,
+    #: trains or evaluates, not which tensors it holds nor what they compute, so a checkpoint may be loaded
+    #: into a model built with other values of them. The base class's own arguments are always left out.
+    init_only_arguments: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -131,6 +143,45 @@ class AdaptationStrategy(nn.Module, abc.ABC):
     ) -> torch.Tensor:
         """Normalised text embeddings at evaluation (the plain towers by default)."""
         return module.encode_texts(input_ids, attention_mask)
+
+    def checkpoint_arguments(self) -> dict[str, Any]:
+        """The constructor arguments an adapter-only checkpoint records and must match when loaded.
+
+        By default every argument of the strategy's ``__init__`` (following ``**kwargs`` up through parent
+        strategies that forward them) except :data:`BASE_ARGUMENTS` and ``init_only_arguments``, read back
+        from the attribute of the same name, as scikit-learn's ``get_params`` does: store each constructor
+        argument as ``self.<name>``. Values are plain (lists, dicts, scalars; anything else as its
+        ``repr``), ready for JSON. Override this method when an argument is not kept under its own name.
+
+        Raises:
+            TypeError: when a recorded argument has no attribute of its name.
+        """
+        legacy = vars(self).get("init_args")
+        if isinstance(legacy, dict):
+            # Strategies written before this method kept a hand-written ``init_args`` dict.
+            warnings.warn(
+                f"{type(self).__name__}.init_args is deprecated: adapter checkpoints now record "
+                "AdaptationStrategy.checkpoint_arguments() (store each constructor argument as an attribute "
+                "of its name, list initialisation-only ones in init_only_arguments, and drop init_args)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return {str(k): plain_value(v) for k, v in legacy.items()}
+        skipped = set(BASE_ARGUMENTS) | set(self.init_only_arguments)
+        arguments: dict[str, Any] = {}
+        missing = object()
+        for name in constructor_arguments(type(self)):
+            if name in skipped:
+                continue
+            value = getattr(self, name, missing)
+            if value is missing:
+                raise TypeError(
+                    f"{type(self).__name__}.__init__ takes {name!r} but the strategy has no attribute "
+                    f"{name!r}: store the argument as self.{name}, list it in init_only_arguments, or "
+                    "override checkpoint_arguments()"
+                )
+            arguments[name] = plain_value(value)
+        return arguments
 
     def merge(self) -> None:
         """Fold the method's weights into the backbone (only methods that can, such as LoRA)."""
@@ -219,6 +270,43 @@ class AdaptationStrategy(nn.Module, abc.ABC):
             ):
                 keys.append(key)
         return keys
+
+
+def constructor_arguments(cls: type[AdaptationStrategy]) -> list[str]:
+    """The names a strategy class's constructor accepts, in order, through ``**kwargs`` forwarding.
+
+    A subclass whose ``__init__`` takes ``**kwargs`` hands them to its parent (the convention of every
+    strategy here, and what jsonargparse assumes), so the parent's arguments are accepted too.
+    """
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        forwards = False
+        for parameter in list(inspect.signature(vars(klass)["__init__"]).parameters.values())[1:]:
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                forwards = True
+            elif parameter.kind is not inspect.Parameter.VAR_POSITIONAL and parameter.name not in names:
+                names.append(parameter.name)
+        if klass is AdaptationStrategy or not forwards:
+            break
+    return names
+
+
+def plain_value(value: Any) -> Any:
+    """``value`` as JSON-ready containers and scalars (tuples become lists, dataclasses dicts).
+
+    Anything else becomes its ``repr``, which still compares equal between equal simple values.
+    """
+    if isinstance(value, dict):
+        return {str(k): plain_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_value(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return repr(value)
 
 
 def _no_decay_parameter_ids(module: nn.Module) -> set[int]:

@@ -180,6 +180,7 @@ class CrossModalAdapter(AdaptationStrategy):
     default_temperature: ClassVar[TemperaturePolicy] = TemperaturePolicy(
         init=None, learnable=False, max_scale=None
     )
+    init_only_arguments: ClassVar[tuple[str, ...]] = ("init_std", "freeze_batchnorm_statistics")
 
     def __init__(
         self,
@@ -206,13 +207,6 @@ class CrossModalAdapter(AdaptationStrategy):
         self.init_std = init_std
         self.train_heads = train_heads
         self.freeze_batchnorm_statistics = freeze_batchnorm_statistics
-        #: The arguments that define the trained tensors, kept in adapter-only checkpoints
-        #: (:mod:`pefttune.checkpointing`); initialisation-only options may differ when loading.
-        self.init_args: dict[str, Any] = {
-            "bottleneck": bottleneck,
-            "shared_dim": shared_dim,
-            "train_heads": train_heads,
-        }
         self.cma_shared_up = nn.ModuleList()
         self.block_pairs: list[tuple[int, int]] = []
         self.shared_slots: list[SharedSlot] = []
