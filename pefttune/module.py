@@ -119,7 +119,7 @@ class DualEncoderModule(LightningModule):
     def configure_strategy(self, strategy: AdaptationStrategy) -> None:
         """Let the strategy adapt the towers (once)."""
         self.strategy = strategy
-        strategy.apply(self.image_tower, self.text_tower)
+        strategy.attach(self.image_tower, self.text_tower)
 
     def configure_temperature(self) -> None:
         """Create the logit scale (stored as its log, like CLIP) following the strategy's policy."""

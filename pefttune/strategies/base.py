@@ -7,7 +7,7 @@ import dataclasses
 import inspect
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -53,7 +53,7 @@ class TemperaturePolicy:
 class AdaptationStrategy(nn.Module, abc.ABC):
     """How a method changes the towers, which parameters train and how they are optimised.
 
-    A strategy acts once, when the model is built (:meth:`apply`). During training nothing asks which
+    A strategy acts once, when the model is built (:meth:`attach`). During training nothing asks which
     strategy is running: the modules it inserted run inside the towers.
 
     A subclass overrides:
@@ -105,14 +105,14 @@ class AdaptationStrategy(nn.Module, abc.ABC):
             raise ValueError(f"group_lr names unknown groups {sorted(unknown)}; expected {PARAMETER_GROUPS}")
         self.group_lr = dict(group_lr or {})
         self.no_decay_norms_and_biases = no_decay_norms_and_biases
-        self._applied = False
+        self._attached = False
 
     # -- what subclasses override ------------------------------------------------------------------
     @abc.abstractmethod
     def adapt(self, image_tower: ImageTower, text_tower: TextTower) -> None:
         """Insert the method's modules into the towers and unfreeze what trains.
 
-        Called once by :meth:`apply`, with every tower parameter already frozen.
+        Called once by :meth:`attach`, with every tower parameter already frozen.
         """
 
     def default_loss(self) -> ContrastiveLoss:
@@ -192,16 +192,35 @@ class AdaptationStrategy(nn.Module, abc.ABC):
         raise TypeError(f"{type(self).__name__} cannot merge its weights into the backbone")
 
     # -- shared behaviour --------------------------------------------------------------------------
-    def apply(self, image_tower: ImageTower, text_tower: TextTower) -> None:
+    def attach(self, image_tower: ImageTower, text_tower: TextTower) -> None:
         """Freeze both towers, then let the method adapt them. Called once, when the model is built."""
-        if self._applied:
-            raise RuntimeError(f"{type(self).__name__} was already applied to a model")
+        if self._attached:
+            raise RuntimeError(f"{type(self).__name__} was already attached to a model")
         if self.prefix and not self.prefix.endswith("_"):
             raise ValueError(f"{type(self).__name__}.prefix must end with '_' (got {self.prefix!r})")
         image_tower.requires_grad_(False)
         text_tower.requires_grad_(False)
         self.adapt(image_tower, text_tower)
-        self._applied = True
+        self._attached = True
+
+    def apply(  # type: ignore[override]
+        self, fn: Callable[[nn.Module], None] | ImageTower, text_tower: TextTower | None = None
+    ) -> AdaptationStrategy:
+        """:meth:`torch.nn.Module.apply`: call ``fn`` on every submodule, then on the strategy.
+
+        ``apply(image_tower, text_tower)``, the old name of :meth:`attach`, still attaches, with a
+        :class:`DeprecationWarning`; it used to hide ``nn.Module.apply``, so ``model.apply(fn)`` failed.
+        """
+        if text_tower is not None:
+            warnings.warn(
+                "AdaptationStrategy.apply(image_tower, text_tower) is deprecated: use "
+                "attach(image_tower, text_tower); apply(fn) is torch.nn.Module.apply again",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            self.attach(fn, text_tower)  # type: ignore[arg-type]
+            return self
+        return super().apply(fn)  # type: ignore[arg-type]
 
     def group_of(self, name: str) -> str:
         """The group of a parameter, from its name in the LightningModule."""
