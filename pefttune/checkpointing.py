@@ -121,7 +121,7 @@ def _check_strategy(path: object, saved: dict[str, Any], current: dict[str, Any]
 
 def _refuse_merged(module: DualEncoderModule, action: str) -> None:
     # A merged model's backbone weights already contain the update; loading or saving then mixes states.
-    if getattr(module.strategy, "merged", False):
+    if module.strategy.merged:
         raise RuntimeError(f"unmerge the strategy's weights before you {action} an adapter checkpoint")
 
 

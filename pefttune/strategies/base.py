@@ -7,9 +7,9 @@ import dataclasses
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -17,16 +17,52 @@ from torch import nn
 from pefttune.towers.base import ImageTower, TextTower, Tower
 
 if TYPE_CHECKING:
-    from lightning.pytorch import Trainer
-
     from pefttune.losses import ContrastiveLoss
-    from pefttune.module import DualEncoderModule
 
 PARAMETER_GROUPS = ("method", "backbone", "head", "temperature")
 #: The base class's own constructor arguments: how the method trains, never what its tensors compute.
 BASE_ARGUMENTS = ("temperature", "group_lr", "no_decay_norms_and_biases")
 TEMPERATURE_NAMES = ("logit_scale", "logit_bias")
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
+
+
+@runtime_checkable
+class DualEncoder(Protocol):
+    """What a strategy's hooks receive of the model: its two towers and their plain embeddings.
+
+    :class:`~pefttune.module.DualEncoderModule` is one; so is any object with these members (a test double,
+    an exported model). Hooks never get the LightningModule's trainer, logger or data module: what they need
+    from the data arrives as an argument (``training_texts``, the evaluated ``texts``).
+    """
+
+    @property
+    def image_tower(self) -> ImageTower:
+        """The (adapted) image tower."""
+        ...
+
+    @property
+    def text_tower(self) -> TextTower:
+        """The (adapted) text tower."""
+        ...
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings [B, D] through the adapted towers."""
+        ...
+
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text embeddings [T, D] through the adapted towers."""
+        ...
+
+
+@runtime_checkable
+class SizedImageTower(Protocol):
+    """An image tower that declares its square input resolution (``image_size`` pixels).
+
+    Every built-in image tower does; a method that works in pixel space (APEX's padding prompt on
+    convolutional towers) asks for it through this Protocol.
+    """
+
+    image_size: int
 
 
 @dataclass
@@ -71,7 +107,8 @@ class AdaptationStrategy(nn.Module, abc.ABC):
 
     And, rarely:
 
-    * :meth:`on_fit_start`: work that needs data or a trainer (APEX builds its text bank here).
+    * :meth:`on_fit_start`: work that needs the training data (APEX builds its text bank from the training
+      texts, which it asks for with ``uses_training_texts = True``).
     * :meth:`on_evaluation_start`, :meth:`evaluation_image_embeddings`, :meth:`evaluation_text_embeddings`:
       a different encoding at evaluation (APEX's ensemble).
     * :meth:`merge` / :meth:`unmerge`: fold the method into the backbone weights (LoRA).
@@ -91,6 +128,18 @@ class AdaptationStrategy(nn.Module, abc.ABC):
     #: trains or evaluates, not which tensors it holds nor what they compute, so a checkpoint may be loaded
     #: into a model built with other values of them. The base class's own arguments are always left out.
     init_only_arguments: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`on_fit_start` needs the training texts (the model then lists them from the data).
+    uses_training_texts: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        hook = vars(cls).get("on_fit_start")
+        if hook is not None and "trainer" in inspect.signature(hook).parameters:
+            # The hook used to take (module, trainer): an old override would silently get texts as a trainer.
+            raise TypeError(
+                f"{cls.__qualname__}.on_fit_start takes a trainer: the hook is now "
+                "on_fit_start(self, encoder, training_texts) (set uses_training_texts = True to receive them)"
+            )
 
     def __init__(
         self,
@@ -121,10 +170,16 @@ class AdaptationStrategy(nn.Module, abc.ABC):
 
         return InfoNCELoss()
 
-    def on_fit_start(self, module: DualEncoderModule, trainer: Trainer) -> None:
-        """Called when fitting starts, with data available through ``trainer.datamodule``."""
+    def on_fit_start(self, encoder: DualEncoder, training_texts: Sequence[str]) -> None:
+        """Called when fitting starts, after the towers are on their device.
 
-    def on_evaluation_start(self, module: DualEncoderModule, texts: list[str]) -> None:
+        Args:
+            encoder: the model's towers and encoders.
+            training_texts: every text training draws from (captions or class prompts) when the class sets
+                ``uses_training_texts``; otherwise empty, so that other methods pay nothing for listing them.
+        """
+
+    def on_evaluation_start(self, encoder: DualEncoder, texts: Sequence[str]) -> None:
         """Called before each evaluation epoch with every text it will encode.
 
         ``texts`` are the captions of the evaluated split (retrieval) or the class prompts (zero-shot
@@ -132,17 +187,20 @@ class AdaptationStrategy(nn.Module, abc.ABC):
         weight, the mean over texts) prepare it here.
         """
 
-    def evaluation_image_embeddings(
-        self, module: DualEncoderModule, pixel_values: torch.Tensor
-    ) -> torch.Tensor:
+    def evaluation_image_embeddings(self, encoder: DualEncoder, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings at evaluation (the plain towers by default)."""
-        return module.encode_images(pixel_values)
+        return encoder.encode_images(pixel_values)
 
     def evaluation_text_embeddings(
-        self, module: DualEncoderModule, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, encoder: DualEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """Normalised text embeddings at evaluation (the plain towers by default)."""
-        return module.encode_texts(input_ids, attention_mask)
+        return encoder.encode_texts(input_ids, attention_mask)
+
+    @property
+    def merged(self) -> bool:
+        """True while the method's weights are folded into the backbone (see :meth:`merge`)."""
+        return False
 
     def checkpoint_arguments(self) -> dict[str, Any]:
         """The constructor arguments an adapter-only checkpoint records and must match when loaded.
