@@ -111,7 +111,12 @@ class AdaptationStrategy(nn.Module, abc.ABC):
       texts, which it asks for with ``uses_training_texts = True``).
     * :meth:`on_evaluation_start`, :meth:`evaluation_image_embeddings`, :meth:`evaluation_text_embeddings`:
       a different encoding at evaluation (APEX's ensemble).
-    * :meth:`merge` / :meth:`unmerge`: fold the method into the backbone weights (LoRA).
+    * :meth:`merge` / :meth:`unmerge` (and :attr:`merged`): fold the method into the backbone weights (LoRA).
+    * :meth:`checkpoint_arguments`: only when a constructor argument is not kept as an attribute of its name.
+
+    Hooks receive a :class:`DualEncoder` (the towers and their encoders), never the trainer. Each constructor
+    argument is stored under its own name (``self.width = width``). Built-in methods are also registered
+    in :mod:`pefttune.strategies.registry`.
 
     Args:
         temperature: overrides the method's default temperature policy.
