@@ -47,6 +47,28 @@ class _ForgetCachedFeatures:
         self.cache.clear()
 
 
+def training_texts(datamodule: object) -> list[str]:
+    """Every text the data module trains on, for a strategy that asks for them (APEX's text bank).
+
+    The data module's ``training_texts()``; for data modules without it, the captions of its training
+    records. Empty without a data module or when the training split streams from shards (logged).
+    """
+    if datamodule is None:
+        return []
+    # The one place that probes the data module for these: the declared data-module Protocol
+    # (pefttune.data.contracts.RetrievalData.training_texts) replaces the probes once every module has it.
+    getter = getattr(datamodule, "training_texts", None)
+    records = getattr(datamodule, "records", None)
+    try:
+        if callable(getter):
+            return [str(text) for text in getter()]
+        if callable(records):
+            return [caption for record in records("train") for caption in record.captions]
+    except RuntimeError as error:
+        log.warning("cannot list the training texts (%s)", error)
+    return []
+
+
 class DualEncoderModule(LightningModule):
     """An image-text dual encoder adapted by a strategy and trained contrastively.
 
@@ -125,7 +147,7 @@ class DualEncoderModule(LightningModule):
     def configure_strategy(self, strategy: AdaptationStrategy) -> None:
         """Let the strategy adapt the towers (once)."""
         self.strategy = strategy
-        strategy.apply(self.image_tower, self.text_tower)
+        strategy.attach(self.image_tower, self.text_tower)
 
     def configure_temporal(self, temporal: TemporalAggregator | None) -> None:
         """Attach the temporal aggregator of video frames, built for the image tower's embedding width.
@@ -145,7 +167,7 @@ class DualEncoderModule(LightningModule):
         policy = self.strategy.temperature
         pretrained = self.image_tower.pretrained_logit_scale or self.text_tower.pretrained_logit_scale
         # A loss with its own recommended start (SigLIP: 10) wins over a checkpoint's CLIP scale.
-        loss_scale = getattr(self.loss, "init_scale", None)
+        loss_scale = self.loss.init_scale
         scale = policy.initial_scale(loss_scale if loss_scale is not None else pretrained)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(scale)), requires_grad=policy.learnable)
 
@@ -153,7 +175,7 @@ class DualEncoderModule(LightningModule):
         """The loss (the strategy's default if none is given) and, for SigLIP, a learnable bias."""
         self.loss = loss if loss is not None else self.strategy.default_loss()
         self.logit_bias: nn.Parameter | None = None
-        if getattr(self.loss, "needs_bias", False):
+        if self.loss.needs_bias:
             self.logit_bias = nn.Parameter(torch.tensor(float(self.loss.init_bias)))
 
     def configure_metrics(self, top_k: tuple[int, ...], chunk_size: int) -> None:
@@ -310,7 +332,8 @@ class DualEncoderModule(LightningModule):
         restored = refreeze_batchnorm_statistics(self)
         if restored:
             log.info("re-froze the running statistics of %d replaced BatchNorm layers", restored)
-        self.strategy.on_fit_start(self, self.trainer)
+        texts = training_texts(self.trainer.datamodule) if self.strategy.uses_training_texts else []
+        self.strategy.on_fit_start(self, texts)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         """One contrastive step over the (global) batch."""
