@@ -91,10 +91,14 @@ class StreamingSource(Source):
     """A source that can also stream its training split instead of listing it (WebDataset shards).
 
     The data module calls :meth:`training_stream` for the training split when :attr:`streaming` is True, and
-    :meth:`Source.records` for everything else (evaluation splits are indexed as a whole).
+    :meth:`Source.records` for everything else (evaluation splits are indexed as a whole). The stream's
+    ``len()`` is its number of items per epoch on this rank (the schedule needs the number of steps).
     """
 
     streaming: bool = True
+
+    def prepare_stream(self, split: str, policy: ErrorPolicy, captions_per_image: str) -> None:
+        """Check (and, where needed, count) the training split at setup, so problems show before training."""
 
     @abstractmethod
     def training_stream(self, **options: Any) -> IterableDataset:
@@ -106,12 +110,6 @@ class StreamingSource(Source):
                 ``world_size``, ``max_items``, ``load_item`` (loads and transforms a record's image or
                 frames).
         """
-
-    @abstractmethod
-    def batches_per_epoch(
-        self, *, batch_size: int, drop_last: bool, num_workers: int, world_size: int
-    ) -> int:
-        """Training batches one rank yields per epoch (known before the epoch: the schedule needs it)."""
 
 
 __all__ = ["Source", "StreamingSource"]
