@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pefttune.layers.shared_adapter import QuickGELU
+
 __all__ = ["MeanPooling", "SequenceTransformer", "TemporalAggregator", "masked_mean"]
 
 
@@ -159,14 +161,6 @@ class MeanPooling(TemporalAggregator):
     def aggregate(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         """Masked mean of the normalised frame embeddings."""
         return masked_mean(F.normalize(frames, dim=-1), frame_mask)
-
-
-class QuickGELU(nn.Module):
-    """CLIP's activation: ``x * sigmoid(1.702 x)``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the activation."""
-        return x * torch.sigmoid(1.702 * x)
 
 
 class _ResidualAttentionBlock(nn.Module):
