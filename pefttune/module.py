@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from pefttune.data.contracts import ClassificationData, RetrievalData
@@ -32,6 +33,13 @@ from pefttune.towers.base import ImageTower, TextTower
 from pefttune.towers.temporal import MeanPooling, TemporalAggregator
 
 log = logging.getLogger(__name__)
+
+
+# The evaluation caption protocols (data.init_args.eval_captions), named in results (docs/video.md).
+CAPTION_PROTOCOLS = {
+    "all": "every caption of each item is a query",
+    "one": "one caption per item, MSR-VTT 1k-A style",
+}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -484,10 +492,29 @@ class DualEncoderModule(LightningModule):
         if retrieval.update_called or not classified:
             self._log_retrieval(stage, retrieval)
 
+    @property
+    def caption_protocol(self) -> str | None:
+        """The evaluation caption protocol of the attached data module (``"all"`` or ``"one"``), or None.
+
+        ``"all"``: every caption of each evaluated item is a text query; ``"one"``: one caption per item
+        (MSR-VTT 1k-A). Metric keys are the same under both, so results name it elsewhere: the run's saved
+        config, the benchmark results JSON (``protocol``) and a log line with every retrieval result.
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return datamodule.eval_captions if isinstance(datamodule, RetrievalData) else None
+
     def _log_retrieval(self, stage: str, metric: RetrievalMetrics) -> None:
         results = metric.compute()
         metric.reset()
         self.log_dict({f"{stage}/{k}": float(v) for k, v in results.items()}, sync_dist=False)
+        protocol = self.caption_protocol
+        if protocol is not None and "t2i_R@1" in results:
+            meaning = CAPTION_PROTOCOLS.get(protocol, protocol)
+            rank_zero_info(
+                f"{stage} retrieval under the {protocol!r} caption protocol ({meaning}): "
+                f"text-to-item R@1 {float(results['t2i_R@1']):.2f}, "
+                f"item-to-text R@1 {float(results['i2t_R@1']):.2f}"
+            )
 
     def predict_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0

@@ -10,6 +10,9 @@ Three layers, each usable alone:
 * :class:`RetrievalPictureLogger`: a Lightning callback that logs the picture to TensorBoard after every
   validation, and ``python -m pefttune.visualize`` (:func:`main`), which draws it for a trained checkpoint.
 
+Videos (``pixel_values`` [B, T, C, H, W] with a ``frame_mask``) are drawn as a strip of their sampled frames
+side by side (:func:`frame_strip`), so a hit shows its motion; the rest of the picture is the same.
+
 Relevance follows the retrieval protocol (``docs/protocol.md``): a retrieved image is correct for a caption
 when it is the caption's own image; a retrieved caption is correct for an image when it is one of that
 image's captions. Correct items get a green frame (images) or a green check mark (captions), wrong ones red.
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import textwrap
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,6 +45,7 @@ __all__ = [
     "RetrievalExamples",
     "RetrievalPictureLogger",
     "collect_retrieval_examples",
+    "frame_strip",
     "image_to_text_figure",
     "main",
     "mark_correct",
@@ -110,6 +115,47 @@ def _to_display(image: ImageLike) -> np.ndarray:
     # Normalised model inputs have arbitrary range: stretch each image to [0, 1] so it is recognisable.
     low, high = float(array.min()), float(array.max())
     return (array - low) / (high - low) if high > low else np.zeros_like(array)
+
+
+def frame_strip(frames: Sequence[ImageLike], max_frames: int = 4, gap: int = 2) -> Image.Image:
+    """A video's frames side by side, in time order, as one RGB image (a retrieval picture's video "image").
+
+    Args:
+        frames: The frames (PIL images, HWC uint8 arrays or CHW tensors), in time order.
+        max_frames: Show at most this many, evenly spaced (first and last included).
+        gap: Dark pixels between frames.
+
+    Returns:
+        The strip: frames scaled to the first frame's height.
+
+    Raises:
+        ValueError: If there is no frame or ``max_frames < 1``.
+    """
+    if not frames:
+        raise ValueError("frame_strip needs at least one frame")
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if len(frames) > max_frames:
+        picks = np.linspace(0, len(frames) - 1, max_frames).round().astype(int)
+        frames = [frames[int(i)] for i in picks]
+    pictures = []
+    for frame in frames:
+        array = _to_display(frame)
+        if array.dtype != np.uint8:
+            array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+        pictures.append(Image.fromarray(array).convert("RGB"))
+    height = pictures[0].height
+    pictures = [
+        p if p.height == height else p.resize((round(p.width * height / p.height), height)) for p in pictures
+    ]
+    strip = Image.new(
+        "RGB", (sum(p.width for p in pictures) + gap * (len(pictures) - 1), height), (40, 40, 40)
+    )
+    left = 0
+    for picture in pictures:
+        strip.paste(picture, (left, 0))
+        left += picture.width + gap
+    return strip
 
 
 def _wrap(text: str, width: int = _WRAP, lines: int = _MAX_LINES) -> str:
@@ -418,7 +464,14 @@ def collect_retrieval_examples(
         keep_ids = batch["image_ids"][:take]
         keep_captions = torch.isin(batch["caption_image_ids"], keep_ids)
         pixel_values = batch["pixel_values"][:take].to(device)
-        image_embeds = module.strategy.evaluation_image_embeddings(module, pixel_values)
+        video = "frame_mask" in batch
+        if video:
+            frame_mask = batch["frame_mask"][:take]
+            image_embeds = module.strategy.evaluation_image_embeddings(
+                module, pixel_values, frame_mask.to(device)
+            )
+        else:
+            image_embeds = module.strategy.evaluation_image_embeddings(module, pixel_values)
         text_embeds = module.strategy.evaluation_text_embeddings(
             module,
             batch["input_ids"][keep_captions].to(device),
@@ -429,10 +482,22 @@ def collect_retrieval_examples(
         text_parts.append(text_embeds.float().cpu())
         owner_parts.append(batch["caption_image_ids"][keep_captions].cpu())
         if records is not None:
-            # The evaluation collate lists every image's captions in record order, image after image.
+            # The evaluation collate lists every image's captions in record order, image after image: all
+            # of them, or only the record's eval_caption under the one-caption protocol.
             kept = [records[int(i)] for i in keep_ids.tolist()]
-            images += [load_image(record.image) for record in kept]
-            texts += [caption for record in kept for caption in record.captions]
+            shown = Counter(batch["caption_image_ids"][keep_captions].tolist())
+            for row, (image_id, record) in enumerate(zip(keep_ids.tolist(), kept, strict=True)):
+                if video:
+                    indices = [int(i) for i in batch["frame_indices"][row][frame_mask[row]].tolist()]
+                    images.append(frame_strip(record.image.read_frames(indices)))
+                else:
+                    images.append(load_image(record.image))
+                texts += _record_captions(record, shown[image_id])
+        elif video:
+            images += [
+                frame_strip(list(clip[mask]))
+                for clip, mask in zip(pixel_values.cpu(), frame_mask, strict=True)
+            ]
         else:
             images += list(batch["pixel_values"][:take].cpu())
             texts += [captions[c] for c in batch["caption_ids"][keep_captions].tolist()]  # type: ignore[index]
@@ -446,6 +511,18 @@ def collect_retrieval_examples(
         text_embeds=torch.cat(text_parts),
         caption_image_ids=torch.cat(owner_parts),
         captions=texts,
+    )
+
+
+def _record_captions(record: Any, count: int) -> list[str]:
+    """The captions of ``record`` an evaluation batch holds: all of them, or its ``eval_caption`` alone."""
+    if count == len(record.captions):
+        return list(record.captions)
+    if count == 1:
+        return [record.captions[getattr(record, "eval_caption", 0)]]
+    raise ValueError(
+        f"{record.describe()}: the batch holds {count} of its {len(record.captions)} captions; expected "
+        "all of them or one (the eval_captions protocols)"
     )
 
 

@@ -190,6 +190,8 @@ class BenchmarkRecorder(Callback):
         return {
             "parameters": self.parameters,
             "metrics": {**self.val_metrics, **self.test_metrics},
+            # The evaluation caption protocol ("all" / "one" caption per item): the metrics depend on it.
+            "protocol": getattr(pl_module, "caption_protocol", None),
             "throughput": {
                 "train_samples_per_s": self.train_samples / train_time if train_time > 0 else None,
                 "train_step_median_s": statistics.median(self.train_step_times)
