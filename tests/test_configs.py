@@ -21,6 +21,7 @@ PAPER_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "paper", "*.yaml"
 PAPER_TRAINABLE = {
     "apex_clip_vitb16.yaml": {"trainable_params": 282_112, "method": 282_112},
     "cma_clip_vitb32.yaml": {"trainable_params": 519_168, "method": 519_168},
+    "cma_clip_vitb32_msrvtt.yaml": {"trainable_params": 519_168, "method": 519_168},
     "lora_clip_vitb16.yaml": {"trainable_params": 184_320, "method": 184_320},
     "duet_vitb16_bert.yaml": {"method": 113_375_256},
 }

@@ -16,6 +16,13 @@ The table lists both per method and their ratio to full fine-tuning, measured in
 
     python benchmarks/perf/method_costs.py                      # 64 px, batch 32, 6 timed steps
     python benchmarks/perf/method_costs.py --image-size 96 --batch-size 64
+
+``--video`` measures a video step instead: each method's video config (``configs/video/<method>.yaml``,
+mean pooling over time) on batches of generated moving-shape clips with ``--frames`` frames each (the image
+tower runs on batch x frames images per step); the table adds frames per second (batch x frames / step time).
+
+    python benchmarks/perf/method_costs.py --video              # 64 px, batch 32 clips x 4 frames
+    python benchmarks/perf/method_costs.py --video --frames 8 --batch-size 16
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import sys
 import time
 
 from common import (
+    REPO,
     build_model,
     current_rss_mb,
     machine_line,
@@ -39,14 +47,54 @@ from common import (
 )
 
 
+def video_config(name: str) -> str:
+    """A registered method's video config, ``configs/video/<name>.yaml`` (relative to the repository root)."""
+    path = f"configs/video/{name}.yaml"
+    if not (REPO / path).is_file():
+        raise FileNotFoundError(f"method {name!r} has no video config: {REPO / path} does not exist")
+    return path
+
+
+def video_batches(model, batch_size: int, frames: int, count: int, seed: int = 0) -> list[dict]:
+    """``count`` training batches of generated clips (``frames`` sampled per clip) for ``model``'s towers."""
+    from pefttune.data import ImageTextDataModule
+    from pefttune.data.sources.synthetic_video import SyntheticVideos
+
+    size = model.image_tower.image_size
+    source = SyntheticVideos(
+        num_train=batch_size * count, num_val=0, num_test=0, num_frames=2 * frames, image_size=size, seed=seed
+    )
+    data = ImageTextDataModule(
+        source=source,
+        val_split=None,
+        test_split=None,
+        batch_size=batch_size,
+        num_frames=frames,
+        captions_per_image="sample",
+        seed=seed,
+    )
+    data.attach_preprocessing(model.preprocessing)
+    data.setup("fit")
+    batches = []
+    for batch in data.train_dataloader():
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    return batches
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(method_config(args.worker), args.image_size)
-    batches = training_batches(model, args.batch_size, count=2, seed=0)
+    if args.video:
+        model = build_model(video_config(args.worker), args.image_size)
+        batches = video_batches(model, args.batch_size, args.frames, count=2, seed=0)
+    else:
+        model = build_model(method_config(args.worker), args.image_size)
+        batches = training_batches(model, args.batch_size, count=2, seed=0)
     optimizer = make_optimizer(model)
     baseline = current_rss_mb()
     times = []
@@ -68,6 +116,7 @@ def worker(args: argparse.Namespace) -> None:
                 "trainable": report["trainable_params"],
                 "total": report["total_params"],
                 "step_s": median(times),
+                "frames_per_s": args.batch_size * args.frames / median(times) if args.video else None,
                 "step_times": times,
                 "baseline_mb": baseline,
                 "peak_mb": peak_rss_mb(),
@@ -85,6 +134,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--video", action="store_true", help="a video step (configs/video, generated clips)")
+    parser.add_argument("--frames", type=int, default=4, help="--video: frames per clip")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -95,10 +146,10 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     print(machine_line())
-    print(
-        f"image size {args.image_size}, batch {args.batch_size}, "
-        f"median of {args.steps} steps after {args.warmup} untimed"
-    )
+    what = f"batch {args.batch_size}"
+    if args.video:
+        what = f"video, batch {args.batch_size} clips x {args.frames} frames"
+    print(f"image size {args.image_size}, {what}, median of {args.steps} steps after {args.warmup} untimed")
     rows = []
     for method in args.methods.split(","):
         command = [
@@ -116,6 +167,9 @@ def main() -> None:
             str(args.warmup),
             "--threads",
             str(args.threads),
+            "--frames",
+            str(args.frames),
+            *(["--video"] if args.video else []),
         ]
         out = subprocess.run(command, capture_output=True, text=True, check=False)
         if out.returncode != 0:
@@ -128,17 +182,19 @@ def main() -> None:
         )
     full = next((r for r in rows if r["method"] == "full"), None)
     print()
+    frames_column = " frames/s |" if args.video else ""
     print(
-        "| method | trainable params | step time (s) | vs full | training memory (MB) | vs full "
-        "| peak RSS (MB) |"
+        f"| method | trainable params | step time (s) | vs full |{frames_column} training memory (MB) "
+        "| vs full | peak RSS (MB) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|" + ("---|" if args.video else "") + "---|---|---|")
     for r in rows:
         time_ratio = f"{r['step_s'] / full['step_s']:.2f}x" if full else "n/a"
         mem_ratio = f"{r['train_mb'] / full['train_mb']:.2f}x" if full else "n/a"
+        frames = f" {r['frames_per_s']:.1f} |" if args.video else ""
         print(
-            f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.3f} | {time_ratio} "
-            f"| {r['train_mb']:.0f} | {mem_ratio} | {r['peak_mb']:.0f} |"
+            f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.3f} | {time_ratio} |{frames} "
+            f"{r['train_mb']:.0f} | {mem_ratio} | {r['peak_mb']:.0f} |"
         )
 
 
