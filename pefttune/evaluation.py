@@ -211,7 +211,7 @@ class ZeroShotEvaluation:
     ) -> tuple[Tensor, Tensor]:
         """A batch's image embeddings [B, D] and their cosine similarities [B, C] to the group's classes."""
         classes = self.activate(module, index)
-        images = module.strategy.evaluation_image_embeddings(module, batch["pixel_values"]).float()
+        images = module.evaluation_image_embeddings(batch).float()  # videos pooled over their real frames
         return images, zero_shot_logits(images, classes)
 
     def update(

@@ -405,14 +405,15 @@ class DualEncoderModule(LightningModule):
     # -- evaluation --------------------------------------------------------------------------------
     def evaluation_embeddings(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image and text embeddings of an evaluation batch, as the strategy evaluates them."""
-        if "frame_mask" in batch:  # videos; image batches keep the two-argument call of custom strategies
-            images = self.strategy.evaluation_image_embeddings(
-                self, batch["pixel_values"], batch["frame_mask"]
-            )
-        else:
-            images = self.strategy.evaluation_image_embeddings(self, batch["pixel_values"])
+        images = self.evaluation_image_embeddings(batch)
         texts = self.strategy.evaluation_text_embeddings(self, batch["input_ids"], batch["attention_mask"])
         return images, texts
+
+    def evaluation_image_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Normalised embeddings of a batch's images, or videos (with their ``frame_mask``), as evaluated."""
+        if "frame_mask" in batch:  # videos; image batches keep the two-argument call of custom strategies
+            return self.strategy.evaluation_image_embeddings(self, batch["pixel_values"], batch["frame_mask"])
+        return self.strategy.evaluation_image_embeddings(self, batch["pixel_values"])
 
     def _evaluation_texts(self, stage: str) -> list[str]:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -465,13 +465,11 @@ def collect_retrieval_examples(
         keep_captions = torch.isin(batch["caption_image_ids"], keep_ids)
         pixel_values = batch["pixel_values"][:take].to(device)
         video = "frame_mask" in batch
-        if video:
-            frame_mask = batch["frame_mask"][:take]
-            image_embeds = module.strategy.evaluation_image_embeddings(
-                module, pixel_values, frame_mask.to(device)
-            )
-        else:
-            image_embeds = module.strategy.evaluation_image_embeddings(module, pixel_values)
+        frame_mask = batch["frame_mask"][:take] if video else None
+        shown_items = {"pixel_values": pixel_values}
+        if frame_mask is not None:
+            shown_items["frame_mask"] = frame_mask.to(device)
+        image_embeds = module.evaluation_image_embeddings(shown_items)
         text_embeds = module.strategy.evaluation_text_embeddings(
             module,
             batch["input_ids"][keep_captions].to(device),
