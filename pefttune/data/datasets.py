@@ -202,7 +202,7 @@ def check_images(
         ImageLoadError: Under ``on_error="raise"``.
     """
 
-    def attempt(record: ImageCaptionRecord) -> str | None:
+    def attempt(record: ImageCaptionRecord) -> ImageLoadError | None:
         try:
             if isinstance(record.image, Video):
                 # A video is usable when it has a frame and its first frame decodes.
@@ -212,7 +212,7 @@ def check_images(
             else:
                 load_image(record.image, record=record.describe())
         except ImageLoadError as err:
-            return f"{err} ({record.describe()})" if isinstance(record.image, Video) else str(err)
+            return type(err)(f"{err} ({record.describe()})") if isinstance(record.image, Video) else err
         return None
 
     threads = num_threads or min(8, os.cpu_count() or 1)
@@ -224,7 +224,8 @@ def check_images(
         if error is None:
             kept.append(record)
         else:
-            policy.fail("unreadable_image", error, ImageLoadError)
+            video = isinstance(record.image, Video)
+            policy.fail("unreadable_video" if video else "unreadable_image", str(error), type(error))
     return kept
 
 
