@@ -249,6 +249,7 @@ class ImageTextDataModule(LightningDataModule):
 
         if legacy and isinstance(source, Synthetic) and all(o.startswith("synthetic_") for o in legacy):
             source = legacy_source("synthetic", "source", legacy, source.seed, self, base=source)
+            legacy = {}
         if legacy and not any(isinstance(value, str) for value in (source, val_source, test_source)):
             only_synthetic = all(option.startswith("synthetic_") for option in legacy) and source is None
             if not only_synthetic:
