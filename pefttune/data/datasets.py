@@ -5,8 +5,8 @@
 - :class:`ImageWithCaptionsDataset` (evaluation): each image once, with all of its captions (or the one
   caption of the one-caption protocol, ``eval_captions="one"``).
 - :class:`ItemLoader`: loads a record's image, or samples and loads a video's frames
-(:mod:`pefttune.data.video`),
-  and applies the transform (the same random augmentation to every frame of a clip).
+  (:mod:`pefttune.data.video`), and applies the transform (the same random augmentation to every frame of a
+  clip).
 - :class:`TrainCollate` / :class:`EvalCollate`: tokenize with the attached
   :class:`~pefttune.data.preprocessing.Preprocessing` and build the batches documented there.
 - :class:`EpochDataLoader`: tells the dataset the epoch, reseeds the shuffle and resumes mid-epoch.
@@ -576,13 +576,12 @@ class EpochDataLoader(DataLoader):
     included. Lightning can rebuild it with a ``DistributedSampler``: its extra arguments are attributes.
 
     Mid-epoch resume: the loader is stateful (``state_dict``/``load_state_dict``), so Lightning stores in
-    every checkpoint the epoch and how many batches of it the training steps consumed, and hands them back
-    on resume. The next pass over that epoch then skips those batches at the sampler (indices are drawn,
-    no item is loaded), so a resumed map-style epoch continues with exactly the batches the uninterrupted
-    run would have seen. A stream (:class:`~pefttune.data.sources.webdataset.WebDatasetStream`) has no
-    index to skip: a resumed epoch starts a
-    fresh pass with that epoch's shuffle and Lightning stops it after the remaining number of batches, so
-    resuming a stream mid-epoch is approximate.
+    every checkpoint the epoch and how many batches of it the training steps consumed, and hands them back on
+    resume. The next pass over that epoch then skips those batches at the sampler (indices are drawn, no item
+    is loaded), so a resumed map-style epoch continues with exactly the batches the uninterrupted run would
+    have seen. A stream (:class:`~pefttune.data.sources.webdataset.WebDatasetStream`) has no index to skip: a
+    resumed epoch starts a fresh pass with that epoch's shuffle and Lightning stops it after the remaining
+    number of batches, so resuming a stream mid-epoch is approximate.
 
     Args:
         dataset: The dataset.
