@@ -148,7 +148,7 @@ class DualEncoderModule(LightningModule):
         policy = self.strategy.temperature
         pretrained = self.image_tower.pretrained_logit_scale or self.text_tower.pretrained_logit_scale
         # A loss with its own recommended start (SigLIP: 10) wins over a checkpoint's CLIP scale.
-        loss_scale = self.loss.init_scale
+        loss_scale = getattr(self.loss, "init_scale", None)
         scale = policy.initial_scale(loss_scale if loss_scale is not None else pretrained)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(scale)), requires_grad=policy.learnable)
 
@@ -156,7 +156,7 @@ class DualEncoderModule(LightningModule):
         """The loss (the strategy's default if none is given) and, for SigLIP, a learnable bias."""
         self.loss = loss if loss is not None else self.strategy.default_loss()
         self.logit_bias: nn.Parameter | None = None
-        if self.loss.needs_bias:
+        if getattr(self.loss, "needs_bias", False):
             self.logit_bias = nn.Parameter(torch.tensor(float(self.loss.init_bias)))
 
     def configure_metrics(self, top_k: tuple[int, ...], chunk_size: int) -> None:
