@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from pefttune.losses import ContrastiveLoss
 
 PARAMETER_GROUPS = ("method", "backbone", "head", "temperature")
+#: The base class's own constructor arguments: how the method trains, never what its tensors compute.
+BASE_ARGUMENTS = ("temperature", "group_lr", "no_decay_norms_and_biases")
 TEMPERATURE_NAMES = ("logit_scale", "logit_bias")
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
 
@@ -82,10 +84,6 @@ class TemperaturePolicy:
         if self.init is not None:
             return float(self.init)
         return float(pretrained_scale) if pretrained_scale is not None else 1.0 / 0.07
-
-
-#: The base class's own constructor arguments: how the method trains, never what its tensors compute.
-BASE_ARGUMENTS = ("temperature", "group_lr", "no_decay_norms_and_biases")
 
 
 class AdaptationStrategy(nn.Module, abc.ABC):
