@@ -451,10 +451,19 @@ def unfreeze_projection(tower: Tower) -> None:
     tower.projection.requires_grad_(True)
 
 
+@runtime_checkable
+class Resettable(Protocol):
+    """A layer that re-initialises its own parameters (PyTorch's convention: ``nn.Linear``, norms, ...)."""
+
+    def reset_parameters(self) -> None:
+        """Draw fresh initial parameters."""
+        ...
+
+
 def reset_parameters(module: nn.Module) -> None:
-    """Re-initialise every layer that knows how (``reset_parameters``): training from scratch."""
+    """Re-initialise every layer that knows how (:class:`Resettable`): training from scratch."""
     for submodule in module.modules():
-        if submodule is not module and hasattr(submodule, "reset_parameters"):
+        if submodule is not module and isinstance(submodule, Resettable):
             submodule.reset_parameters()
 
 
