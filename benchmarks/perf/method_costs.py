@@ -99,8 +99,11 @@ def main() -> None:
         f"image size {args.image_size}, batch {args.batch_size}, "
         f"median of {args.steps} steps after {args.warmup} untimed"
     )
+    methods = args.methods.split(",")
+    for method in methods:
+        method_config(method)  # an unknown name fails here, listing the registered methods
     rows = []
-    for method in args.methods.split(","):
+    for method in methods:
         command = [
             sys.executable,
             __file__,
