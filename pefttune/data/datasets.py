@@ -317,10 +317,16 @@ class ItemLoader:
     def __init__(self, transform: ImageTransform | None, sampler: FrameSampler | None = None) -> None:
         self.transform = transform
         self.sampler = sampler if sampler is not None else FrameSampler()
+        # A decoded-image cache (pefttune.data.cache, set by the data module): ``load(source, decode)`` gives
+        # the transformed image, decoding with ``decode()`` only on a miss. Images only (not video frames).
+        self.image_cache: Any = None
 
     def __call__(self, record: ImageCaptionRecord, rng: np.random.Generator | None = None) -> dict[str, Any]:
         """Load and transform; ``rng`` draws the training frame offsets (None: evaluation)."""
         if not isinstance(record.image, Video):
+            if self.image_cache is not None:
+                decode = lambda: load_image(record.image, record=record.describe())  # noqa: E731
+                return {"image": self.image_cache.load(record.image, decode)}
             image = load_image(record.image, record=record.describe())
             return {"image": self.transform(image) if self.transform is not None else image}
         try:
@@ -357,6 +363,15 @@ class _RecordDataset(Dataset):
     def records(self) -> list[ImageCaptionRecord]:
         """The records the dataset serves."""
         return self.index.records
+
+    @property
+    def image_cache(self) -> Any:
+        """The loader's decoded-image cache (see :class:`ItemLoader`), or None."""
+        return self.loader.image_cache
+
+    @image_cache.setter
+    def image_cache(self, cache: Any) -> None:
+        self.loader.image_cache = cache
 
 
 class PairDataset(_RecordDataset):
