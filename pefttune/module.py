@@ -27,7 +27,7 @@ from pefttune.layers.frozen_batchnorm import refreeze_batchnorm_statistics
 from pefttune.losses import ContrastiveLoss
 from pefttune.metrics import RetrievalMetrics
 from pefttune.optim import Constant, WarmupCosine
-from pefttune.strategies.base import PARAMETER_GROUPS, AdaptationStrategy
+from pefttune.strategies.base import PARAMETER_GROUPS, AdaptationStrategy, TextKind, TrainingTexts
 from pefttune.strategies.full import FullFineTune
 from pefttune.towers.base import ImageTower, TextTower
 from pefttune.towers.temporal import MeanPooling, TemporalAggregator
@@ -56,26 +56,29 @@ class _ForgetCachedFeatures:
         self.cache.clear()
 
 
-def training_texts(datamodule: object) -> list[str]:
+def training_texts(datamodule: object) -> TrainingTexts:
     """Every text the data module trains on, for a strategy that asks for them (APEX's text bank).
 
     The data module's ``training_texts()``; for data modules without it, the captions of its training
-    records. Empty without a data module or when the training split streams from shards (logged).
+    records. Class prompts when the data module serves zero-shot classification (``evaluation_groups``),
+    else captions. Empty without a data module or when the training split streams from shards (logged).
     """
     if datamodule is None:
-        return []
-    # The one place that probes the data module for these: the declared data-module Protocol
-    # (pefttune.data.contracts.RetrievalData.training_texts) replaces the probes once every module has it.
+        return TrainingTexts()
+    # The one place that probes the data module: the declared data-module Protocols
+    # (pefttune.data.contracts: RetrievalData.training_texts, ClassificationData) replace these probes.
     getter = getattr(datamodule, "training_texts", None)
     records = getattr(datamodule, "records", None)
+    classification = callable(getattr(datamodule, "evaluation_groups", None))
+    kind: TextKind = "class_prompts" if classification else "captions"
     try:
         if callable(getter):
-            return [str(text) for text in getter()]
+            return TrainingTexts(tuple(getter()), kind)
         if callable(records):
-            return [caption for record in records("train") for caption in record.captions]
+            return TrainingTexts(tuple(c for record in records("train") for c in record.captions), kind)
     except RuntimeError as error:
         log.warning("cannot list the training texts (%s)", error)
-    return []
+    return TrainingTexts(kind=kind)
 
 
 class DualEncoderModule(LightningModule):
@@ -176,7 +179,7 @@ class DualEncoderModule(LightningModule):
         policy = self.strategy.temperature
         pretrained = self.image_tower.pretrained_logit_scale or self.text_tower.pretrained_logit_scale
         # A loss with its own recommended start (SigLIP: 10) wins over a checkpoint's CLIP scale.
-        loss_scale = self.loss.init_scale
+        loss_scale = getattr(self.loss, "init_scale", None)
         scale = policy.initial_scale(loss_scale if loss_scale is not None else pretrained)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(scale)), requires_grad=policy.learnable)
 
@@ -184,7 +187,7 @@ class DualEncoderModule(LightningModule):
         """The loss (the strategy's default if none is given) and, for SigLIP, a learnable bias."""
         self.loss = loss if loss is not None else self.strategy.default_loss()
         self.logit_bias: nn.Parameter | None = None
-        if self.loss.needs_bias:
+        if getattr(self.loss, "needs_bias", False):
             self.logit_bias = nn.Parameter(torch.tensor(float(self.loss.init_bias)))
 
     def configure_metrics(self, top_k: tuple[int, ...], chunk_size: int) -> None:
@@ -341,7 +344,8 @@ class DualEncoderModule(LightningModule):
         restored = refreeze_batchnorm_statistics(self)
         if restored:
             log.info("re-froze the running statistics of %d replaced BatchNorm layers", restored)
-        texts = training_texts(self.trainer.datamodule) if self.strategy.uses_training_texts else []
+        wanted = self.strategy.uses_training_texts
+        texts = training_texts(self.trainer.datamodule) if wanted else TrainingTexts()
         self.strategy.on_fit_start(self, texts)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:

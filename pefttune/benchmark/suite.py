@@ -23,8 +23,17 @@ A suite is a YAML file::
 
 ``methods`` names registered methods (:mod:`pefttune.strategies.registry`) or others: an entry of a
 registered method may leave out ``config`` (its offline config is used); a list of names is short for entries
-without overrides; ``methods: builtin`` runs every registered method with its offline config, so a newly
-registered method joins every such suite. Any method may name its own ``config``.
+without overrides. The entry ``builtin`` (or ``methods: builtin`` alone) stands for every registered method
+with its offline config, so a newly registered method joins every such suite; other entries add variants
+or replace a registered method's entry::
+
+Methods:
+      builtin:                           # full, lit, duet, cma, lora, apex, ...
+      apex_no_ensemble:
+        config: configs/apex.yaml
+        overrides: {model.init_args.strategy.init_args.ensemble: false}
+
+Any method may name its own ``config``.
 
 The overrides of a run are, in order, the suite's, the dataset's, the method's and those given with
 ``pefttune sweep --set KEY=VALUE`` (later keys win).
@@ -141,14 +150,23 @@ def _methods(raw: Any, where: str) -> dict[str, dict[str, Any]]:
     from pefttune.strategies.registry import available_strategies, get_method, methods
 
     if raw == "builtin":
-        raw = {spec.name: {} for spec in methods()}
+        raw = {"builtin": None}
     elif isinstance(raw, list):
         if not all(isinstance(name, str) for name in raw):
             raise SuiteError(f"{where}: methods must list method names, got {raw!r}")
         raw = dict.fromkeys(raw)
     elif isinstance(raw, str):
         raise SuiteError(f"{where}: methods must be a mapping, a list of names or 'builtin', got {raw!r}")
-    entries = _mapping(raw, f"{where}: methods")
+    entries: dict[str, Any] = {}
+    for name, spec in _mapping(raw, f"{where}: methods").items():
+        if name != "builtin":
+            entries[name] = spec
+        elif spec:
+            raise SuiteError(
+                f"{where}: methods.builtin takes no settings (it stands for every registered method)"
+            )
+        else:
+            entries.update({entry.name: {} for entry in methods() if entry.name not in entries})
     if not entries:
         raise SuiteError(f"{where}: no methods")
     registered = available_strategies()

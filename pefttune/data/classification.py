@@ -8,10 +8,8 @@ caption column too: captions are not used), or a Karpathy JSON file whose images
 classification arguments below; it satisfies :class:`~pefttune.data.contracts.ClassificationData`.
 
 Classes. The class vocabulary is ``classes`` when given, else the sources' fixed classes (the synthetic
-scenes:
-every class that can occur), else every label found in the enabled splits (sorted). ``split_classes``
-chooses what is trained
-and evaluated:
+scenes: every class that can occur), else every label found in the enabled splits (sorted).
+``split_classes`` chooses what is trained and evaluated:
 
 * ``"all"``: every class, everywhere.
 * ``"base"`` / ``"new"``: only the base / new classes, everywhere.

@@ -70,9 +70,8 @@ class ImageTextDataModule(LightningDataModule):
     ``source`` serves every split whose records it holds (a Karpathy file, a table with a split column, the
     synthetic scenes, MSR-VTT's annotation JSON); formats with one split per file (COCO, a folder, shards, a
     CLIP4Clip split file) take ``val_source`` / ``test_source`` for the evaluation splits. The source's
-    records
-    without a split of their own belong to ``train_split``; a separate ``val_source``/``test_source``'s to the
-    split it is given for.
+    records without a split of their own belong to ``train_split``; a separate
+    ``val_source``/``test_source``'s to the split it is given for.
 
     Training on a :class:`~pefttune.data.sources.StreamingSource` (WebDataset shards) streams it; evaluation
     splits are always listed as a whole. Video records (a :class:`~pefttune.data.video.Video` as ``image``)
@@ -249,6 +248,7 @@ class ImageTextDataModule(LightningDataModule):
 
         if legacy and isinstance(source, Synthetic) and all(o.startswith("synthetic_") for o in legacy):
             source = legacy_source("synthetic", "source", legacy, source.seed, self, base=source)
+            legacy = {}
         if legacy and not any(isinstance(value, str) for value in (source, val_source, test_source)):
             only_synthetic = all(option.startswith("synthetic_") for option in legacy) and source is None
             if not only_synthetic:

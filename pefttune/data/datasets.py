@@ -5,8 +5,8 @@
 - :class:`ImageWithCaptionsDataset` (evaluation): each image once, with all of its captions (or the one
   caption of the one-caption protocol, ``eval_captions="one"``).
 - :class:`ItemLoader`: loads a record's image, or samples and loads a video's frames
-(:mod:`pefttune.data.video`),
-  and applies the transform (the same random augmentation to every frame of a clip).
+  (:mod:`pefttune.data.video`), and applies the transform (the same random augmentation to every frame of a
+  clip).
 - :class:`TrainCollate` / :class:`EvalCollate`: tokenize with the attached
   :class:`~pefttune.data.preprocessing.Preprocessing` and build the batches documented there.
 - :class:`EpochDataLoader`: tells the dataset the epoch, reseeds the shuffle and resumes mid-epoch.
@@ -202,7 +202,7 @@ def check_images(
         ImageLoadError: Under ``on_error="raise"``.
     """
 
-    def attempt(record: ImageCaptionRecord) -> str | None:
+    def attempt(record: ImageCaptionRecord) -> ImageLoadError | None:
         try:
             if isinstance(record.image, Video):
                 # A video is usable when it has a frame and its first frame decodes.
@@ -212,7 +212,7 @@ def check_images(
             else:
                 load_image(record.image, record=record.describe())
         except ImageLoadError as err:
-            return f"{err} ({record.describe()})" if isinstance(record.image, Video) else str(err)
+            return type(err)(f"{err} ({record.describe()})") if isinstance(record.image, Video) else err
         return None
 
     threads = num_threads or min(8, os.cpu_count() or 1)
@@ -224,7 +224,8 @@ def check_images(
         if error is None:
             kept.append(record)
         else:
-            policy.fail("unreadable_image", error, ImageLoadError)
+            video = isinstance(record.image, Video)
+            policy.fail("unreadable_video" if video else "unreadable_image", str(error), type(error))
     return kept
 
 
@@ -316,10 +317,16 @@ class ItemLoader:
     def __init__(self, transform: ImageTransform | None, sampler: FrameSampler | None = None) -> None:
         self.transform = transform
         self.sampler = sampler if sampler is not None else FrameSampler()
+        # A decoded-image cache (pefttune.data.cache, set by the data module): ``load(source, decode)`` gives
+        # the transformed image, decoding with ``decode()`` only on a miss. Images only (not video frames).
+        self.image_cache: Any = None
 
     def __call__(self, record: ImageCaptionRecord, rng: np.random.Generator | None = None) -> dict[str, Any]:
         """Load and transform; ``rng`` draws the training frame offsets (None: evaluation)."""
         if not isinstance(record.image, Video):
+            if self.image_cache is not None:
+                decode = lambda: load_image(record.image, record=record.describe())  # noqa: E731
+                return {"image": self.image_cache.load(record.image, decode)}
             image = load_image(record.image, record=record.describe())
             return {"image": self.transform(image) if self.transform is not None else image}
         try:
@@ -356,6 +363,15 @@ class _RecordDataset(Dataset):
     def records(self) -> list[ImageCaptionRecord]:
         """The records the dataset serves."""
         return self.index.records
+
+    @property
+    def image_cache(self) -> Any:
+        """The loader's decoded-image cache (see :class:`ItemLoader`), or None."""
+        return self.loader.image_cache
+
+    @image_cache.setter
+    def image_cache(self, cache: Any) -> None:
+        self.loader.image_cache = cache
 
 
 class PairDataset(_RecordDataset):
@@ -575,13 +591,12 @@ class EpochDataLoader(DataLoader):
     included. Lightning can rebuild it with a ``DistributedSampler``: its extra arguments are attributes.
 
     Mid-epoch resume: the loader is stateful (``state_dict``/``load_state_dict``), so Lightning stores in
-    every checkpoint the epoch and how many batches of it the training steps consumed, and hands them back
-    on resume. The next pass over that epoch then skips those batches at the sampler (indices are drawn,
-    no item is loaded), so a resumed map-style epoch continues with exactly the batches the uninterrupted
-    run would have seen. A stream (:class:`~pefttune.data.sources.webdataset.WebDatasetStream`) has no
-    index to skip: a resumed epoch starts a
-    fresh pass with that epoch's shuffle and Lightning stops it after the remaining number of batches, so
-    resuming a stream mid-epoch is approximate.
+    every checkpoint the epoch and how many batches of it the training steps consumed, and hands them back on
+    resume. The next pass over that epoch then skips those batches at the sampler (indices are drawn, no item
+    is loaded), so a resumed map-style epoch continues with exactly the batches the uninterrupted run would
+    have seen. A stream (:class:`~pefttune.data.sources.webdataset.WebDatasetStream`) has no index to skip: a
+    resumed epoch starts a fresh pass with that epoch's shuffle and Lightning stops it after the remaining
+    number of batches, so resuming a stream mid-epoch is approximate.
 
     Args:
         dataset: The dataset.

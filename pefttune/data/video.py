@@ -198,20 +198,22 @@ class EncodedVideo(_DecodedVideo):
     """A video held as encoded bytes (e.g. the ``.mp4`` member of a WebDataset sample), decoded from memory.
 
     Attributes:
-        data: The encoded file's bytes.
+        data: The encoded file's bytes, or an object whose ``read()`` gives them (a lazy tar member).
         name: Names the video in error messages.
     """
 
-    data: bytes
+    data: bytes | Any
     name: str = "encoded video"
     _count: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def _open(self) -> Any:
         import av
 
-        if not self.data:
+        # A lazy tar member (pefttune.data.sources.webdataset.TarMember) is read when the clip is decoded.
+        data = self.data if isinstance(self.data, (bytes, bytearray)) else self.data.read()
+        if not data:
             raise VideoLoadError(f"{self.name}: encoded video is empty (0 bytes)")
-        return av.open(io.BytesIO(self.data))
+        return av.open(io.BytesIO(data))
 
     def describe(self) -> str:
         """The name given at construction."""
@@ -306,8 +308,8 @@ class FrameSampler:
         edges = np.linspace(0, available, self.num_frames + 1)
         starts = np.floor(edges[:-1]).astype(np.int64)
         ends = np.maximum(np.floor(edges[1:]).astype(np.int64), starts + 1)
-        if rng is None:
-            return [int(i) for i in (starts + ends - 1) // 2]
+        if rng is None:  # the centre of each (continuous) segment
+            return [int((k + 0.5) * available / self.num_frames) for k in range(self.num_frames)]
         return [int(rng.integers(start, end)) for start, end in zip(starts, ends, strict=True)]
 
     def sample(self, video: Video, *, rng: np.random.Generator | None = None) -> SampledFrames:

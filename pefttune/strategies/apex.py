@@ -29,6 +29,7 @@ from pefttune.strategies.base import (
     DualEncoder,
     SizedImageTower,
     TemperaturePolicy,
+    TrainingTexts,
     unfreeze_projection,
 )
 from pefttune.towers.base import ImageTower, TextTower
@@ -388,7 +389,7 @@ class APEX(AdaptationStrategy):
         """Frozen-model embeddings of the training texts [N, D] (N = 0 before fitting)."""
         return self.apex_text_bank[: int(self.apex_text_bank_rows)]
 
-    def on_fit_start(self, module: DualEncoder, training_texts: Sequence[str]) -> None:
+    def on_fit_start(self, module: DualEncoder, training_texts: TrainingTexts) -> None:
         """Build the bank from the training texts (kept when a checkpoint brought one)."""
         if self.bank.shape[0] > 0:
             log.info("APEX: keeping the text bank of %d embeddings", self.bank.shape[0])

@@ -9,7 +9,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -66,6 +66,37 @@ class DualEncoder(Protocol):
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """L2-normalised text embeddings [T, D] through the adapted towers."""
         ...
+
+
+TextKind = Literal["captions", "class_prompts"]
+
+
+@dataclass(frozen=True)
+class TrainingTexts:
+    """Every text training draws from, and what they are (a sequence of the texts).
+
+    Attributes:
+        texts: the texts, as training tokenizes them.
+        kind: ``captions`` (free captions of image-text data) or ``class_prompts`` (the prompts of the
+            training classes of a zero-shot classification data module). APEX's ensemble rule differs.
+    """
+
+    texts: tuple[str, ...] = ()
+    kind: TextKind = "captions"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("captions", "class_prompts"):
+            raise ValueError(f"kind must be 'captions' or 'class_prompts', got {self.kind!r}")
+        object.__setattr__(self, "texts", tuple(str(text) for text in self.texts))
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.texts)
+
+    def __getitem__(self, index: int) -> str:
+        return self.texts[index]
 
 
 @runtime_checkable
@@ -189,13 +220,14 @@ class AdaptationStrategy(nn.Module, abc.ABC):
 
         return InfoNCELoss()
 
-    def on_fit_start(self, encoder: DualEncoder, training_texts: Sequence[str]) -> None:
+    def on_fit_start(self, encoder: DualEncoder, training_texts: TrainingTexts) -> None:
         """Called when fitting starts, after the towers are on their device.
 
         Args:
             encoder: the model's towers and encoders.
-            training_texts: every text training draws from (captions or class prompts) when the class sets
-                ``uses_training_texts``; otherwise empty, so that other methods pay nothing for listing them.
+            training_texts: every text training draws from (captions or class prompts, see ``kind``) when
+                the class sets ``uses_training_texts``; otherwise empty, so that other methods pay nothing
+                for listing them.
         """
 
     def on_evaluation_start(self, encoder: DualEncoder, texts: Sequence[str]) -> None:
@@ -442,10 +474,19 @@ def unfreeze_projection(tower: Tower) -> None:
     tower.projection.requires_grad_(True)
 
 
+@runtime_checkable
+class Resettable(Protocol):
+    """A layer that re-initialises its own parameters (PyTorch's convention: ``nn.Linear``, norms, ...)."""
+
+    def reset_parameters(self) -> None:
+        """Draw fresh initial parameters."""
+        ...
+
+
 def reset_parameters(module: nn.Module) -> None:
-    """Re-initialise every layer that knows how (``reset_parameters``): training from scratch."""
+    """Re-initialise every layer that knows how (:class:`Resettable`): training from scratch."""
     for submodule in module.modules():
-        if submodule is not module and hasattr(submodule, "reset_parameters"):
+        if submodule is not module and isinstance(submodule, Resettable):
             submodule.reset_parameters()
 
 

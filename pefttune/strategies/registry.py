@@ -101,8 +101,9 @@ def register_method(
         ValueError: when the name is taken, the class is not an :class:`AdaptationStrategy`, is registered
             under another name, or its ``prefix`` is another method's (adapter checkpoints filter by it).
     """
-    if not name.isidentifier() or name != name.lower():
-        raise ValueError(f"a method name is a lower-case identifier, got {name!r}")
+    if not name.isidentifier() or name != name.lower() or name == "builtin":
+        # "builtin" stands for every registered method in a benchmark suite.
+        raise ValueError(f"a method name is a lower-case identifier other than 'builtin', got {name!r}")
     if not (isinstance(strategy, type) and issubclass(strategy, AdaptationStrategy)):
         raise ValueError(f"method {name!r}: {strategy!r} is not an AdaptationStrategy subclass")
     if name in _METHODS:

@@ -298,3 +298,20 @@ def test_suite_methods_come_from_the_registry():
         Suite.from_dict({"methods": ["bitfit"]})
     with pytest.raises(SuiteError, match="'builtin'"):
         Suite.from_dict({"methods": "all"})
+    variants = Suite.from_dict(
+        {
+            "methods": {
+                "lit": {"overrides": {"b": 2}},
+                "builtin": None,
+                "apex_no_ensemble": {"config": "configs/apex.yaml", "overrides": {"c": 3}},
+            }
+        }
+    )
+    assert list(variants.methods) == [
+        "lit",
+        *(s.name for s in methods() if s.name != "lit"),
+        "apex_no_ensemble",
+    ]
+    assert variants.methods["lit"]["overrides"] == {"b": 2}
+    with pytest.raises(SuiteError, match=r"methods\.builtin takes no settings"):
+        Suite.from_dict({"methods": {"builtin": {"config": "x.yaml"}}})

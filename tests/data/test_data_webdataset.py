@@ -82,6 +82,23 @@ def test_an_epoch_covers_each_sample_once_without_duplicates_in_a_batch(tmp_path
         assert sorted(i for ids in batches for i in ids) == sorted(stable_id(k) for k in keys)
 
 
+def test_given_samples_per_epoch_equal_to_the_data_covers_each_sample_once(tmp_path):
+    """Issue 16.5 as reported: samples_per_epoch=24 over 24 samples gave 14 distinct images."""
+    keys = write_shards(tmp_path, num_shards=2, per_shard=12, captions=5)
+    stream = make_stream(
+        str(tmp_path / "shard-{000..001}.tar"),
+        samples_per_epoch=24,
+        captions_per_image="sample",
+        batch_size=8,
+    )
+    ids = [
+        int(i)
+        for batch in DataLoader(stream, batch_size=8, collate_fn=TrainCollate(WhitespaceTokenizer()))
+        for i in batch["image_ids"]
+    ]
+    assert sorted(ids) == sorted(stable_id(k) for k in keys)
+
+
 def test_stream_epoch_changes_order_and_caption_draw(tmp_path):
     write_shards(tmp_path, num_shards=2, per_shard=4, captions=3)
     stream = make_stream(

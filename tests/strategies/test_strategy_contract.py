@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import ClassVar
 
 import pytest
@@ -13,7 +12,7 @@ from torch import nn
 from pefttune.data import ImageTextDataModule
 from pefttune.module import DualEncoderModule, training_texts
 from pefttune.strategies import CrossModalAdapter, DueT, FullFineTune
-from pefttune.strategies.base import AdaptationStrategy, DualEncoder, SizedImageTower
+from pefttune.strategies.base import AdaptationStrategy, DualEncoder, SizedImageTower, TrainingTexts
 from pefttune.testing import tiny_bert, tiny_cnn, tiny_vit
 
 
@@ -56,8 +55,8 @@ class _Recorder(FullFineTune):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.received: list[tuple[object, list[str]]] = []
 
-    def on_fit_start(self, encoder: DualEncoder, training_texts: Sequence[str]) -> None:
-        self.received.append((encoder, list(training_texts)))
+    def on_fit_start(self, encoder: DualEncoder, training_texts: TrainingTexts) -> None:
+        self.received.append((encoder, training_texts))
 
 
 class _TextRecorder(_Recorder):
@@ -89,12 +88,12 @@ def _fit_one_step(strategy: AdaptationStrategy) -> tuple[DualEncoderModule, Imag
 def test_fit_hook_gets_the_encoder_and_the_training_texts_only_when_declared() -> None:
     quiet, _ = _fit_one_step(_Recorder())
     [(encoder, texts)] = quiet.strategy.received
-    assert encoder is quiet and isinstance(encoder, DualEncoder) and texts == []
+    assert encoder is quiet and isinstance(encoder, DualEncoder) and len(texts) == 0
 
     asking, data = _fit_one_step(_TextRecorder())
     [(_, texts)] = asking.strategy.received
     expected = [caption for record in data.records("train") for caption in record.captions]
-    assert texts == expected and len(texts) >= 4
+    assert list(texts) == expected and len(texts) >= 4 and texts.kind == "captions"
 
 
 def test_an_override_with_the_old_fit_hook_signature_is_refused_when_defined() -> None:
@@ -110,6 +109,11 @@ class _Texts:
         return ["a cat", "a dog"]
 
 
+class _ClassPrompts(_Texts):
+    def evaluation_groups(self, stage: str) -> list[object]:
+        return []
+
+
 class _Streaming:
     def records(self, role: str) -> list[object]:
         raise RuntimeError(f"the {role} split streams from shards and has no record list")
@@ -118,11 +122,14 @@ class _Streaming:
 def test_training_texts_come_from_the_declared_call_and_a_streamed_split_is_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    assert training_texts(None) == []
-    assert training_texts(_Texts()) == ["a cat", "a dog"]
+    assert len(training_texts(None)) == 0
+    assert training_texts(_Texts()) == TrainingTexts(("a cat", "a dog"), "captions")
+    assert training_texts(_ClassPrompts()) == TrainingTexts(("a cat", "a dog"), "class_prompts")
     with caplog.at_level("WARNING"):
-        assert training_texts(_Streaming()) == []
+        assert training_texts(_Streaming()).texts == ()
     assert "streams from shards" in caplog.text
+    with pytest.raises(ValueError, match="'captions' or 'class_prompts'"):
+        TrainingTexts(("a",), "prompts")  # type: ignore[arg-type]
 
 
 def test_a_tower_without_image_size_is_not_a_sized_image_tower() -> None:

@@ -18,9 +18,8 @@ class ImageFolder(Source):
 
     Every sub-folder of ``root`` is a class (``torchvision.datasets.folder.find_classes``: hidden ones
     excepted, sorted); its images are found recursively (``make_dataset``) in sorted order. The image id is
-    the
-    path relative to ``root``; the single caption is the class name (the record needs one; classification does
-    not read it). A folder holds one split: its records get the split they are read for.
+    the path relative to ``root``; the single caption is the class name (the record needs one; classification
+    does not read it). A folder holds one split: its records get the split they are read for.
 
     Args:
         root: The folder.

@@ -9,8 +9,7 @@ Split files (CLIP4Clip, ``ArrowLuo/CLIP4Clip`` ``dataloaders/dataloader_msrvtt_r
 
 - ``MSRVTT_train.9k.csv`` / ``MSRVTT_train.7k.csv``: a ``video_id`` column; the captions come from the
   annotation JSON (every sentence of each listed video; CLIP4Clip's ``--expand_msrvtt_sentences`` trains on
-  all
-  of them, which is ``captions_per_image="all"`` here).
+  all of them, which is ``captions_per_image="all"`` here).
 - ``MSRVTT_JSFUSION_test.csv`` (the 1k-A test): columns ``key, vid_key, video_id, sentence``, one sentence
   per video. Its records carry that sentence as the caption of the one-caption protocol
   (``eval_captions="one"``); with an annotation JSON too, the other sentences of the video are kept for the

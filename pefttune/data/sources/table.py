@@ -5,9 +5,8 @@
 - JSON list: a JSON file holding a list of such objects (the BLIP/LAVIS annotation layout).
 
 Rows of the same item (same ``group_column`` value, or the same path) become one record with all their
-captions. :class:`VideoTable` reads the same layouts with a ``video`` column naming a video file or a
-folder of
-frames.
+captions. :class:`VideoTable` reads the same layouts with a ``video`` column naming a video file or a folder
+of frames.
 """
 
 from __future__ import annotations
@@ -208,11 +207,10 @@ class VideoTable(Table):
     """A CSV/TSV, JSON Lines or JSON-list file of videos and captions.
 
     Each row names a ``video`` (column / key ``video`` by default, in CSV and JSON alike): a video file
-    (``.mp4``, ``.webm``, ...; decoded with PyAV) or a folder of frame images, relative to ``image_root``
-    (or the
-    file's folder). Captions, grouping, splits and labels are as for :class:`Table`; the video id is the
-    ``group_column`` value or the path. Example JSON Lines row:
-    ``{"video": "clips/v12.mp4", "caption": ["a man cooks", "someone is cooking"]}``.
+    (``.mp4``, ``.webm``, ...; decoded with PyAV) or a folder of frame images, relative to ``video_root`` (or
+    the file's folder). Captions, grouping, splits and labels are as for :class:`Table`; the video id is the
+    ``group_column`` value or the path. Example JSON Lines row: ``{"video": "clips/v12.mp4", "caption": ["a
+    man cooks", "someone is cooking"]}``.
 
     Args:
         path: The file.

@@ -13,10 +13,9 @@ The sample key is the item id; keys must be unique across shards (img2dataset an
 it so). Patterns: brace lists and ranges (``train-{0000..0099}.tar``), several patterns joined by ``::``,
 URLs and ``pipe:`` commands, expanded by the ``webdataset`` library.
 
-Evaluation splits are indexed as a whole (:meth:`WebDataset.read`): images of local uncompressed shards
-stay on
-disk as :class:`TarMember` references (a seek and a read when loaded); the library has no random access, this
-is the part kept here. Training streams through the ``webdataset`` library's pipeline
+Evaluation splits are indexed as a whole (:meth:`WebDataset.read`): images of local uncompressed shards stay
+on disk as :class:`TarMember` references (a seek and a read when loaded); the library has no random access,
+this is the part kept here. Training streams through the ``webdataset`` library's pipeline
 (:meth:`WebDataset.training_stream`): shards are dealt to ranks and then to DataLoader workers, shuffled per
 epoch, read once per epoch, and samples pass a shuffle buffer. Each sample is seen exactly once per epoch (on
 one rank, by one worker).
@@ -458,8 +457,7 @@ class WebDatasetStream(IterableDataset):
         """Items each worker of this rank yields per epoch; the same number of batches on every rank.
 
         Workers yield whole batches (so ``len(loader)`` is exact whatever ``drop_last``), except a single
-        worker
-        with ``drop_last=False``, which yields all of its rank's items.
+        worker with ``drop_last=False``, which yields all of its rank's items.
         """
         readers, size = max(1, self.num_workers), self.batch_size
         if self.source.samples_per_epoch is not None:
