@@ -153,7 +153,10 @@ def main() -> None:
     methods = args.methods.split(",")
     for method in methods:
         # An unknown name (or a method without a video config) fails here, naming what exists.
-        video_config(method) if args.video else method_config(method)
+        if args.video:
+            video_config(method)
+        else:
+            method_config(method)
     rows = []
     for method in methods:
         command = [
