@@ -1,4 +1,4 @@
-"""Retrieval pictures and the embedding writer on video: a strip of frames per hit, one embedding per clip."""
+"""Retrieval pictures on video (a strip of frames per hit) and the caption protocol named in results."""
 
 import numpy as np
 import pytest
@@ -97,3 +97,42 @@ def test_visualize_command_draws_a_video_picture(tmp_path):
     ) == str(out)
     with open(out, "rb") as handle:
         assert handle.read(8) == PNG_MAGIC
+
+
+@pytest.mark.parametrize("eval_captions", ["all", "one"])
+def test_results_name_the_caption_protocol(eval_captions, tmp_path):
+    import json
+    import logging
+
+    from lightning.pytorch import Trainer
+
+    from pefttune.benchmark.recorder import BenchmarkRecorder
+
+    torch.manual_seed(0)
+    model = DualEncoderModule(tiny_vit(), tiny_bert(), LiT())
+    results = tmp_path / "run.json"
+    trainer = Trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[BenchmarkRecorder(str(results))],
+    )
+    data = _video_data(eval_captions)
+    trainer.fit(model, datamodule=data)
+    # Lightning's own logger (rank_zero_info) does not propagate to the root logger: listen to it directly.
+    messages = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("lightning.pytorch").addHandler(handler)
+    try:
+        trainer.test(model, datamodule=data)
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(handler)
+    assert model.caption_protocol == eval_captions
+    written = json.loads(results.read_text())
+    assert written["protocol"] == eval_captions
+    assert "test/t2i_R@1" in written["metrics"]
+    assert any(f"test retrieval under the {eval_captions!r} caption protocol" in m for m in messages)
