@@ -7,7 +7,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pefttune.towers import CLIPImageTower, CLIPTextTower, HFTextTower, ImageTower, TextTower, TimmImageTower
+from pefttune.towers import (
+    CLIPImageTower,
+    CLIPTextTower,
+    HFTextTower,
+    ImageTower,
+    OpenCLIPImageTower,
+    OpenCLIPTextTower,
+    SiglipImageTower,
+    SiglipTextTower,
+    TextTower,
+    TimmImageTower,
+)
 
 
 def tiny_vit(embed_dim: int | None = 24, image_size: int = 32) -> TimmImageTower:
@@ -30,6 +41,26 @@ def tiny_clip(max_length: int = 16) -> tuple[CLIPImageTower, CLIPTextTower]:
     return (
         CLIPImageTower("pefttune/tiny-clip", pretrained=False),
         CLIPTextTower("pefttune/tiny-clip", pretrained=False, max_length=max_length),
+    )
+
+
+def tiny_open_clip(timm_trunk: bool = False) -> tuple[OpenCLIPImageTower, OpenCLIPTextTower]:
+    """Both towers of a tiny random open_clip model.
+
+    Args:
+        timm_trunk: False: OpenAI-style ``VisionTransformer`` and causal text (``nn.MultiheadAttention``
+            blocks, 2 each, 32 px). True: a SigLIP-style model, timm's ``test_vit`` trunk (160 px) with a
+            bidirectional text tower pooling the last position and a logit bias (sigmoid loss).
+    """
+    name = "pefttune-tiny-openclip-timm" if timm_trunk else "pefttune-tiny-openclip"
+    return OpenCLIPImageTower(name), OpenCLIPTextTower(name)
+
+
+def tiny_siglip(max_length: int = 16) -> tuple[SiglipImageTower, SiglipTextTower]:
+    """Both towers of a tiny random Hugging Face ``SiglipModel`` (2 blocks each, width 24, 32 px images)."""
+    return (
+        SiglipImageTower("pefttune/tiny-siglip", pretrained=False),
+        SiglipTextTower("pefttune/tiny-siglip", pretrained=False, max_length=max_length),
     )
 
 
@@ -61,4 +92,7 @@ TINY_TOWER_PAIRS: dict[str, Callable[[], tuple[ImageTower, TextTower]]] = {
     "vit+bert": lambda: (tiny_vit(), tiny_bert()),
     "cnn+bert": lambda: (tiny_cnn(), tiny_bert()),
     "clip": tiny_clip,
+    "openclip": tiny_open_clip,
+    "openclip-timm": lambda: tiny_open_clip(timm_trunk=True),
+    "siglip": tiny_siglip,
 }

@@ -12,7 +12,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from pefttune.layers.frozen_batchnorm import freeze_batchnorm_statistics
-from pefttune.layers.split_qkv import QKV_PARTS, SplitQKV
+from pefttune.layers.split_qkv import QKV_PARTS, SplitQKV, split_packed_attention
 from pefttune.strategies.base import AdaptationStrategy, TemperaturePolicy, unfreeze_projection
 from pefttune.towers.base import BlockInfo, ImageTower, TextTower, Tower
 
@@ -173,6 +173,9 @@ class LoRA(AdaptationStrategy):
                 freeze_batchnorm_statistics(tower.model)
 
     def _adapt_tower(self, tower: Tower) -> None:
+        # nn.MultiheadAttention (open_clip) applies q/k/v and its output projection without calling a module:
+        # split it into linears first (the same function), so the targets below are modules peft can wrap.
+        split_packed_attention(tower)
         names = self.resolve_targets(tower)
         if not names:
             raise ValueError(
