@@ -146,7 +146,11 @@ class DualEncoderModule(LightningModule):
         self.logit_bias: nn.Parameter | None = None
         if getattr(self.loss, "needs_bias", False):
             bias = self._pretrained_logit_bias() if self._loss_matches_towers() else None
-            self.logit_bias = nn.Parameter(torch.tensor(float(self.loss.init_bias if bias is None else bias)))
+            # The bias belongs with the scale (group "temperature"): it trains exactly when the scale does.
+            self.logit_bias = nn.Parameter(
+                torch.tensor(float(self.loss.init_bias if bias is None else bias)),
+                requires_grad=self.strategy.temperature.learnable,
+            )
 
     def _loss_matches_towers(self) -> bool:
         """Whether the loss is the one a tower's checkpoint was trained with (its scale and bias apply)."""
