@@ -50,6 +50,10 @@ class LoRA(AdaptationStrategy):
       (3 r (d_in + d) per block) and the function equal the reference; the frozen weights are renamed from
       ``attn.qkv.weight`` to ``attn.qkv.{q,k,v}.base_layer.weight``. timm attentions that add separate
       q/v biases (EVA, BEiT) are switched to ``qkv_bias_separate`` so that they call the split linear.
+    * ``nn.MultiheadAttention`` (OpenAI CLIP / open_clip blocks) applies its packed q/k/v weight and its
+      output projection without calling a module; it is replaced by
+      :class:`~pefttune.layers.split_qkv.SplitMultiheadAttention` (four linears, the same function) before
+      the targets are resolved, so q, k, v (and ``out``) are adapted as on Hugging Face CLIP.
     * On a convolutional tower (feature-map blocks) every preset targets the dense (ungrouped) 1x1
       convolutions and linears of each block: pointwise expansion and projection, and squeeze-excitation's
       reduce/expand where present. They are the per-position channel-mixing linears of a CNN, the nearest
