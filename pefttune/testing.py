@@ -22,13 +22,23 @@ from pefttune.towers import (
 
 
 def tiny_vit(embed_dim: int | None = 24, image_size: int = 32) -> TimmImageTower:
-    """Timm's ``test_vit`` (6 pre-LN blocks, width 64), random weights."""
-    return TimmImageTower("test_vit", pretrained=False, embed_dim=embed_dim, image_size=image_size)
+    """Timm's ``test_vit`` (6 pre-LN blocks, width 64), random weights.
+
+    Evaluation resizes straight to ``image_size`` (``crop_pct=1``): test images are drawn at that size.
+    """
+    return TimmImageTower(
+        "test_vit", pretrained=False, embed_dim=embed_dim, image_size=image_size, crop_pct=1.0
+    )
 
 
 def tiny_cnn(embed_dim: int | None = 24, image_size: int = 32) -> TimmImageTower:
-    """Timm's ``test_efficientnet`` (a convolutional tower with feature-map blocks), random weights."""
-    return TimmImageTower("test_efficientnet", pretrained=False, embed_dim=embed_dim, image_size=image_size)
+    """Timm's ``test_efficientnet`` (a convolutional tower with feature-map blocks), random weights.
+
+    Evaluation resizes straight to ``image_size`` (``crop_pct=1``): test images are drawn at that size.
+    """
+    return TimmImageTower(
+        "test_efficientnet", pretrained=False, embed_dim=embed_dim, image_size=image_size, crop_pct=1.0
+    )
 
 
 def tiny_bert(embed_dim: int | None = 24, max_length: int = 16) -> HFTextTower:
@@ -74,7 +84,13 @@ def tiny_tower_config() -> dict[str, dict]:
     return {
         "image_tower": {
             "class_path": "pefttune.towers.TimmImageTower",
-            "init_args": {"model_name": "test_vit", "pretrained": False, "embed_dim": 24, "image_size": 32},
+            "init_args": {
+                "model_name": "test_vit",
+                "pretrained": False,
+                "embed_dim": 24,
+                "image_size": 32,
+                "crop_pct": 1.0,
+            },
         },
         "text_tower": {
             "class_path": "pefttune.towers.HFTextTower",

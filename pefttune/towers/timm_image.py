@@ -50,6 +50,9 @@ class TimmImageTower(ImageTower):
         crop_scale: area range ``(min, max)`` of the random resized crop, as fractions of the image; the
             default (0.5, 1.0) is mild, the papers' Inception-style crop is (0.08, 1.0).
         drop_path_rate: stochastic depth for ViTs.
+        crop_pct: fraction of the resized image the evaluation centre crop keeps (resize to
+            ``image_size / crop_pct``, crop ``image_size``); defaults to the model's data config (ImageNet
+            models: 0.875-0.95). 1.0 resizes straight to ``image_size``.
         gradient_checkpointing: recompute block activations in the backward pass (timm's own
             checkpointing, non-reentrant) to save activation memory.
 
@@ -71,6 +74,7 @@ class TimmImageTower(ImageTower):
         train_augmentation: Augmentation = "none",
         crop_scale: tuple[float, float] = (0.5, 1.0),
         drop_path_rate: float = 0.0,
+        crop_pct: float | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -94,6 +98,10 @@ class TimmImageTower(ImageTower):
             "mean": self.mean,
             "std": self.std,
         }
+        if crop_pct is not None:
+            if not 0 < crop_pct <= 1:
+                raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+            self.data_config["crop_pct"] = float(crop_pct)
         self.interpolation = T.InterpolationMode(self.data_config["interpolation"])
         if train_augmentation not in get_args(Augmentation):
             raise ValueError(

@@ -6,6 +6,7 @@ import gc
 import math
 import weakref
 
+import pytest
 import timm.data
 import torch
 from PIL import Image
@@ -41,6 +42,12 @@ def test_timm_evaluation_transform_follows_the_model_data_config():
     assert tower.train_transform_is_deterministic
     pixels = Image.new("RGB", (90, 70), (10, 200, 30))
     torch.testing.assert_close(tower.image_transform(train=True)(pixels), transform(pixels))
+    full = TimmImageTower("test_vit", pretrained=False, image_size=64, crop_pct=1.0).image_transform(
+        train=False
+    )
+    assert next(step for step in full.transforms if isinstance(step, T1.Resize)).size == 64
+    with pytest.raises(ValueError, match="crop_pct"):
+        TimmImageTower("test_vit", pretrained=False, crop_pct=1.5)
     augmented = TimmImageTower("test_vit", pretrained=False, image_size=64, train_augmentation="crop_flip")
     assert not augmented.train_transform_is_deterministic
     assert augmented.image_transform(train=True)(pixels).shape == (3, 64, 64)
