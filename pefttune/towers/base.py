@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -305,7 +305,7 @@ class TextTower(Tower):
     """
 
     modality = "text"
-    pad_to_max_length: ClassVar[bool] = False
+    pad_to_max_length: bool = False
 
     def __init__(self, max_length: int) -> None:
         super().__init__()

@@ -405,7 +405,7 @@ class OpenCLIPTextTower(TextTower):
         del model  # the image half is not kept
         self.pool_type = text.pool_type
         # SigLIP-style towers pool the last position of captions padded to the context length.
-        self.pad_to_max_length = self.pool_type == "last"  # type: ignore[misc]
+        self.pad_to_max_length = self.pool_type == "last"
         self._tokenizer: OpenCLIPTokenizer | None = None
         if gradient_checkpointing:
             self.set_gradient_checkpointing(True)
