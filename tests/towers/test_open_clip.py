@@ -148,3 +148,8 @@ def test_fit_on_an_open_clip_checkpoint_file_by_changing_two_lines(tmp_path):
     config_path.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(config_path), f"--checkpoint.dirpath={tmp_path}/ckpt"])
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
+
+
+def test_unsupported_open_clip_towers_are_refused_by_name():
+    with architecture_only(), pytest.raises(ValueError, match="ModifiedResNet"):
+        OpenCLIPImageTower("RN50")
