@@ -152,7 +152,7 @@ class DualEncoderModule(LightningModule):
         pretrained = self.image_tower.pretrained_logit_scale or self.text_tower.pretrained_logit_scale
         # A loss with its own recommended start (SigLIP: 10) wins over a checkpoint's CLIP scale, unless the
         # checkpoint was trained with that loss (SigLIP towers): then its scale is the one to start from.
-        loss_scale = None if self._loss_matches_towers() else getattr(self.loss, "init_scale", None)
+        loss_scale = None if self._loss_matches_towers() else self.loss.init_scale
         scale = policy.initial_scale(loss_scale if loss_scale is not None else pretrained)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(scale)), requires_grad=policy.learnable)
 
@@ -169,7 +169,7 @@ class DualEncoderModule(LightningModule):
                 log.info("training with %s, the loss the towers were trained with", type(loss).__name__)
         self.loss = loss if loss is not None else self.strategy.default_loss()
         self.logit_bias: nn.Parameter | None = None
-        if getattr(self.loss, "needs_bias", False):
+        if self.loss.needs_bias:
             bias = self._pretrained_logit_bias() if self._loss_matches_towers() else None
             # The bias belongs with the scale (group "temperature"): it trains exactly when the scale does.
             self.logit_bias = nn.Parameter(
