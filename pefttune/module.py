@@ -19,6 +19,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from pefttune.data.contracts import ClassificationData, RetrievalData
 from pefttune.data.preprocessing import Preprocessing
 from pefttune.evaluation import ZeroShotEvaluation, ZeroShotMetric, text_prompt_prefix
 from pefttune.layers.frozen_batchnorm import refreeze_batchnorm_statistics
@@ -210,9 +211,9 @@ class DualEncoderModule(LightningModule):
     def setup(self, stage: str) -> None:
         """Hand the towers' preprocessing to the data module before its dataloaders are built."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "attach_preprocessing"):
+        if isinstance(datamodule, RetrievalData):
             datamodule.attach_preprocessing(self.preprocessing)
-        if datamodule is not None and hasattr(datamodule, "set_prompt_prefix"):
+        if isinstance(datamodule, ClassificationData):
             # Class prompts drop the words a learned text context plays (APEX: "a photo").
             datamodule.set_prompt_prefix(text_prompt_prefix(self.strategy))
 
@@ -338,8 +339,7 @@ class DualEncoderModule(LightningModule):
 
     def _evaluation_texts(self, stage: str) -> list[str]:
         datamodule = getattr(self.trainer, "datamodule", None)
-        getter = getattr(datamodule, "evaluation_texts", None)
-        return list(getter(stage)) if getter is not None else []
+        return list(datamodule.evaluation_texts(stage)) if isinstance(datamodule, RetrievalData) else []
 
     def _start_evaluation(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -37,9 +37,9 @@ TINY = [
     "--trainer.enable_progress_bar=false",
     "--trainer.logger=false",
     "--data.init_args.batch_size=4",
-    "--data.init_args.synthetic_train=8",
-    "--data.init_args.synthetic_val=4",
-    "--data.init_args.synthetic_test=4",
+    "--data.init_args.source.init_args.num_train=8",
+    "--data.init_args.source.init_args.num_val=4",
+    "--data.init_args.source.init_args.num_test=4",
 ]
 
 
