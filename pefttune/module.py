@@ -178,17 +178,43 @@ class DualEncoderModule(LightningModule):
         """Create the logit scale (stored as its log, like CLIP) following the strategy's policy."""
         policy = self.strategy.temperature
         pretrained = self.image_tower.pretrained_logit_scale or self.text_tower.pretrained_logit_scale
-        # A loss with its own recommended start (SigLIP: 10) wins over a checkpoint's CLIP scale.
-        loss_scale = getattr(self.loss, "init_scale", None)
+        # A loss with its own recommended start (SigLIP: 10) wins over a checkpoint's CLIP scale, unless the
+        # checkpoint was trained with that loss (SigLIP towers): then its scale is the one to start from.
+        loss_scale = None if self._loss_matches_towers() else self.loss.init_scale
         scale = policy.initial_scale(loss_scale if loss_scale is not None else pretrained)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(scale)), requires_grad=policy.learnable)
 
     def configure_losses(self, loss: ContrastiveLoss | None) -> None:
-        """The loss (the strategy's default if none is given) and, for SigLIP, a learnable bias."""
+        """The loss and, for SigLIP, a learnable bias.
+
+        Without a configured loss: the towers' preferred loss (the one their checkpoint was trained with,
+        SigLIP's sigmoid loss; see :meth:`Tower.preferred_loss`), else the strategy's default. The bias
+        starts from the checkpoint's bias when the loss is the one the towers were trained with.
+        """
+        if loss is None:
+            loss = self.image_tower.preferred_loss() or self.text_tower.preferred_loss()
+            if loss is not None:
+                log.info("training with %s, the loss the towers were trained with", type(loss).__name__)
         self.loss = loss if loss is not None else self.strategy.default_loss()
         self.logit_bias: nn.Parameter | None = None
-        if getattr(self.loss, "needs_bias", False):
-            self.logit_bias = nn.Parameter(torch.tensor(float(self.loss.init_bias)))
+        if self.loss.needs_bias:
+            bias = self._pretrained_logit_bias() if self._loss_matches_towers() else None
+            # The bias belongs with the scale (group "temperature"): it trains exactly when the scale does.
+            self.logit_bias = nn.Parameter(
+                torch.tensor(float(self.loss.init_bias if bias is None else bias)),
+                requires_grad=self.strategy.temperature.learnable,
+            )
+
+    def _loss_matches_towers(self) -> bool:
+        """Whether the loss is the one a tower's checkpoint was trained with (its scale and bias apply)."""
+        return any(
+            preferred is not None and type(preferred) is type(self.loss)
+            for preferred in (self.image_tower.preferred_loss(), self.text_tower.preferred_loss())
+        )
+
+    def _pretrained_logit_bias(self) -> float | None:
+        image, text = self.image_tower.pretrained_logit_bias, self.text_tower.pretrained_logit_bias
+        return image if image is not None else text
 
     def configure_metrics(self, top_k: tuple[int, ...], chunk_size: int) -> None:
         """Retrieval and zero-shot classification metrics for validation and test."""

@@ -24,6 +24,9 @@ PAPER_TRAINABLE = {
     "cma_clip_vitb32_msrvtt.yaml": {"trainable_params": 519_168, "method": 519_168},
     "lora_clip_vitb16.yaml": {"trainable_params": 184_320, "method": 184_320},
     "duet_vitb16_bert.yaml": {"method": 113_375_256},
+    "apex_openclip_vitb16.yaml": {"trainable_params": 282_112, "method": 282_112},
+    "cma_openclip_vitb32.yaml": {"trainable_params": 519_168, "method": 519_168},
+    "lora_openclip_vitb16.yaml": {"trainable_params": 184_320, "method": 184_320},
 }
 
 TINY = [

@@ -296,3 +296,31 @@ def test_old_spellings_build_the_same_source_with_a_warning(tmp_path):
         ImageTextDataModule(source=Karpathy(path), image_root="x")
     with pytest.raises(DataFormatError, match="cannot tell the format from the name"):
         ImageTextDataModule(source=str(tmp_path / "data.parquet"))
+
+
+@pytest.mark.parametrize(
+    ("class_name", "init_args"),
+    [
+        ("Synthetic", {"num_train": 4}),
+        ("Karpathy", {"path": "d.json", "image_root": "imgs"}),
+        ("Coco", {"path": "c.json"}),
+        ("Table", {"path": "t.tsv", "split_column": "split"}),
+        ("ImageFolder", {"root": "folder"}),
+        ("WebDataset", {"urls": "s-{000..009}.tar", "samples_per_epoch": 100}),
+        ("MSRVTT", {"annotations": "a.json", "split_file": "MSRVTT_train.9k.csv"}),
+        ("VideoTable", {"path": "v.jsonl", "video_root": "clips"}),
+    ],
+)
+def test_every_source_is_selectable_by_class_path(class_name, init_args):
+    from jsonargparse import ArgumentParser
+
+    import pefttune.data.sources as sources
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(ImageTextDataModule, "data")
+    source = {"class_path": f"pefttune.data.sources.{class_name}", "init_args": init_args}
+    config = parser.parse_args(["--data.source", json.dumps(source), "--data.num_frames", "12"])
+    data = parser.instantiate_classes(config).data
+    assert type(data.sources["train"]) is getattr(sources, class_name)
+    assert data.sources["train"] is data.sources["val"] is data.sources["test"]
+    assert data.num_frames == 12

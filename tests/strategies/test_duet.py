@@ -39,6 +39,7 @@ def _loss(module: DualEncoderModule, batch: dict[str, torch.Tensor]) -> torch.Te
         image_embeds,
         text_embeds,
         module.logit_scale_value,
+        module.logit_bias,
         image_ids=batch["image_ids"],
         text_ids=batch["text_ids"],
     )

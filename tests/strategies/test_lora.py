@@ -12,8 +12,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from pefttune.checkpointing import AdapterMismatchError, load_adapter, save_adapter
-from pefttune.layers.split_qkv import SplitQKV
-from pefttune.losses import InfoNCELoss
+from pefttune.layers.split_qkv import SplitMultiheadAttention, SplitQKV
+from pefttune.losses import InfoNCELoss, SigLIPLoss
 from pefttune.module import DualEncoderModule
 from pefttune.strategies.base import TemperaturePolicy
 from pefttune.strategies.lora import LoRA
@@ -63,7 +63,15 @@ def _apply_reference_lora(reference: Tower, adapted: Tower, names: list[str], sc
             layer = adapted.get_submodule(name)
             delta = _lora_delta(layer, scaling)
             parent_name, _, part = name.rpartition(".")
-            if isinstance(adapted.get_submodule(parent_name), SplitQKV):
+            if isinstance(adapted.get_submodule(parent_name), SplitMultiheadAttention):
+                # The reference still holds nn.MultiheadAttention: q/k/v are row-thirds of in_proj_weight.
+                packed = reference.get_submodule(parent_name)
+                if part == "out_proj":
+                    packed.out_proj.weight += delta
+                else:
+                    index = ("q_proj", "k_proj", "v_proj").index(part)
+                    packed.in_proj_weight[index * delta.shape[0] : (index + 1) * delta.shape[0]] += delta
+            elif isinstance(adapted.get_submodule(parent_name), SplitQKV):
                 fused = reference.get_submodule(parent_name)
                 index = "qkv".index(part)
                 rows = slice(index * delta.shape[0], (index + 1) * delta.shape[0])
@@ -81,6 +89,8 @@ def _expected_lora_count(tower: Tower, r: int) -> int:
             for module in block.module.modules():
                 if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1:
                     total += r * (module.in_channels + module.out_channels)
+        elif block.qkv.is_packed:
+            total += 3 * r * 2 * block.qkv.packed.embed_dim
         elif block.qkv.is_fused:
             fused = block.qkv.fused
             total += 3 * r * (fused.in_features + fused.out_features // 3)
@@ -118,7 +128,7 @@ def _train_steps(module: DualEncoderModule, steps: int = 2) -> None:
                 "attention_mask": tokens["attention_mask"],
             }
         )
-        loss = module.loss(image_embeds, text_embeds, module.logit_scale_value, None)
+        loss = module.loss(image_embeds, text_embeds, module.logit_scale_value, module.logit_bias)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -186,7 +196,8 @@ def test_defaults_follow_clip_lora(tower_pair) -> None:
     assert _lora_count(module) == expected
     assert math.isclose(float(module.logit_scale_value), 100.0, rel_tol=1e-6)
     assert not module.logit_scale.requires_grad
-    assert isinstance(module.loss, InfoNCELoss)
+    # SigLIP towers prefer their own sigmoid loss when the config names none.
+    assert isinstance(module.loss, SigLIPLoss if image_tower.preferred_loss() else InfoNCELoss)
     layers = module.strategy.lora_layers
     assert layers
     for layer in layers:
@@ -316,7 +327,7 @@ def test_only_lora_weights_receive_gradient(tower_pair) -> None:
     image_embeds, text_embeds = module(
         {"pixel_values": images, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
     )
-    module.loss(image_embeds, text_embeds, module.logit_scale_value, None).backward()
+    module.loss(image_embeds, text_embeds, module.logit_scale_value, module.logit_bias).backward()
 
     with_grad = {n for n, p in module.named_parameters() if p.grad is not None}
     lora = {n for n in with_grad if ".lora_" in n}
