@@ -10,6 +10,7 @@ import pytest
 import torch
 from video_helpers import clips, video_batch
 
+from pefttune.data.sources.synthetic_video import clip_captions
 from pefttune.module import DualEncoderModule
 from pefttune.strategies.registry import get_method, methods
 from pefttune.testing import TINY_TOWER_PAIRS
@@ -28,7 +29,8 @@ def test_method_trains_and_evaluates_on_video(method, pair, temporal):
     model = DualEncoderModule(
         image, text, get_method(method).build_for_tests(), temporal=TEMPORAL[temporal]()
     )
-    batch = video_batch(model, clips("train", 3, num_frames=3))
+    clip_list = clips("train", 3, num_frames=3)
+    batch = video_batch(model, clip_list)
     batch["frame_mask"][2, 2] = False  # one clip shorter than T
     batch["frame_indices"][2, 2] = -1
 
@@ -54,7 +56,7 @@ def test_method_trains_and_evaluates_on_video(method, pair, temporal):
     )
 
     model.eval()
-    model.strategy.on_evaluation_start(model, batch_captions(model, batch))
+    model.strategy.on_evaluation_start(model, [clip_captions(c)[0] for c in clip_list])
     with torch.no_grad():
         images, texts = model.evaluation_embeddings(batch)
     assert images.shape == (3, model.image_tower.embed_dim) == texts.shape
@@ -65,8 +67,3 @@ def test_method_trains_and_evaluates_on_video(method, pair, temporal):
     changed["pixel_values"][2, 2] = 5.0
     with torch.no_grad():
         assert torch.allclose(model.evaluation_embeddings(changed)[0], images, atol=1e-5)
-
-
-def batch_captions(model, batch):
-    tokenizer = model.text_tower.tokenizer
-    return tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
