@@ -33,8 +33,9 @@ CLIP's raw projected embeddings, whose scale CLIP's training fixed). pefttune's 
 very different norms (measured on generated frames: about 18 for EfficientNet-Lite0 with a new 512-wide
 head, about 0.03 for the tiny convolutional test tower), and both the additive position table and the
 transformer's residual stream depend on that scale: on small raw embeddings the positions would drown the
-frames and every video would start out alike. On unit-length frames the module behaves the same for every tower. Normalising also matches what
-``meanP`` averages (normalised frames), so the residual ``+ frame`` term is exactly ``meanP``'s input.
+frames and every video would start out alike. On unit-length frames the module behaves the same for every
+tower. Normalising also matches what ``meanP`` averages (normalised frames), so the residual ``+ frame``
+term is exactly ``meanP``'s input.
 
 A new aggregator subclasses :class:`TemporalAggregator` and implements :meth:`TemporalAggregator.build`
 (create parameters for the embedding width) and :meth:`TemporalAggregator.aggregate`.
