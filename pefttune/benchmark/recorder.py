@@ -10,7 +10,10 @@ shipped configs need not know about it. It records:
 * evaluation throughput of the test run (images and captions per second, metric computation included);
 * peak memory: the process's peak resident set size on CPU, the peak allocated CUDA memory on GPU;
 * the final validation and test metrics (``trainer.callback_metrics``) and training curves (the loss at
-  every step, validation metrics after every validation).
+  every step, validation metrics after every validation);
+* the per-query outcomes of the test retrieval (:class:`~pefttune.metrics.RankedQueries`), in
+  ``<path stem>.ranks.npz`` next to the JSON file, for paired comparisons between methods
+  (:mod:`pefttune.benchmark.stats`).
 
 The file is rewritten after fit and after test, so it always holds everything measured so far.
 """
@@ -27,6 +30,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+from pefttune.metrics import RetrievalMetrics
 
 
 def peak_rss_bytes() -> int | None:
@@ -88,6 +93,7 @@ class BenchmarkRecorder(Callback):
         self.eval_images = 0
         self.eval_captions = 0
         self.fit_seconds = 0.0
+        self.ranks_file: str | None = None
         self._last_mark: float | None = None
         self._fit_start = 0.0
         self._test_start = 0.0
@@ -170,7 +176,21 @@ class BenchmarkRecorder(Callback):
         # on_test_end comes after the epoch-end metric computation, so ranking is part of the time.
         self.eval_seconds = time.perf_counter() - self._test_start
         self.test_metrics = self._metrics(trainer, "test/")
+        self._save_query_ranks(trainer, pl_module)
         self._write(trainer, pl_module)
+
+    @property
+    def ranks_path(self) -> Path:
+        """Where the test retrieval's per-query outcomes go (``recorder.json`` -> ``recorder.ranks.npz``)."""
+        return self.path.with_name(self.path.stem + ".ranks.npz")
+
+    def _save_query_ranks(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metric = getattr(pl_module, "test_retrieval", None)
+        queries = metric.last_queries if isinstance(metric, RetrievalMetrics) else None
+        if queries is None or trainer.global_rank != 0:
+            return
+        queries.save(self.ranks_path)
+        self.ranks_file = self.ranks_path.name
 
     # -- output ------------------------------------------------------------------------------------
     @staticmethod
@@ -210,6 +230,7 @@ class BenchmarkRecorder(Callback):
                 else None,
             },
             "fit_seconds": self.fit_seconds,
+            "query_ranks": self.ranks_file,
             "world_size": trainer.world_size,
             "torch_threads": torch.get_num_threads(),
             "curves": {"train_loss": self.loss_curve, "val": self.val_curve},

@@ -239,6 +239,9 @@ def execute_run(
             checkpoint.unlink()
     path = result_path(output, run)
     path.parent.mkdir(parents=True, exist_ok=True)
+    ranks = directory / "recorder.ranks.npz"
+    if ranks.exists():  # per-query test ranks, for paired comparisons (pefttune.benchmark.stats)
+        shutil.copyfile(ranks, path.with_name(f"{run.slug}.ranks.npz"))
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
     # Written last and atomically: a result file exists only for a run that finished.

@@ -52,6 +52,8 @@ class RankedQueries:
     Attributes:
         image_ids: Id of each image query, ascending [N_img].
         caption_ids: Id of each caption query (caption record id), ascending [N_txt].
+        caption_image_ids: Id of each caption's image [N_txt] (captions of one image are correlated
+            queries: the paired bootstrap resamples images with all their captions).
         i2t: Outcomes of the image queries, in ``image_ids`` order.
         t2i: Outcomes of the caption queries, in ``caption_ids`` order.
         ties: The tie rule the run reported its metrics with.
@@ -59,6 +61,7 @@ class RankedQueries:
 
     image_ids: Tensor
     caption_ids: Tensor
+    caption_image_ids: Tensor
     i2t: QueryOutcomes
     t2i: QueryOutcomes
     ties: Ties = DEFAULT_TIES
@@ -72,6 +75,7 @@ class RankedQueries:
             "ties": np.array(self.ties),
             "image_ids": self.image_ids.cpu().numpy().astype(np.int64),
             "caption_ids": self.caption_ids.cpu().numpy().astype(np.int64),
+            "caption_image_ids": self.caption_image_ids.cpu().numpy().astype(np.int64),
         }
         for direction, outcomes in (("i2t", self.i2t), ("t2i", self.t2i)):
             for name in ("ahead", "tied", "relevant_at_best"):
@@ -99,6 +103,7 @@ class RankedQueries:
             return cls(
                 image_ids=torch.from_numpy(data["image_ids"]),
                 caption_ids=torch.from_numpy(data["caption_ids"]),
+                caption_image_ids=torch.from_numpy(data["caption_image_ids"]),
                 i2t=outcomes("i2t"),
                 t2i=outcomes("t2i"),
                 ties=str(data["ties"]),  # type: ignore[arg-type]
@@ -358,7 +363,7 @@ class RetrievalMetrics(Metric):
                 "docs/protocol.md defines"
             )
         i2t, t2i = retrieval_outcomes(images, image_ids, texts, text_image_ids, chunk_size=self.chunk_size)
-        self.last_queries = RankedQueries(image_ids, caption_ids, i2t, t2i, self.ties)
+        self.last_queries = RankedQueries(image_ids, caption_ids, text_image_ids, i2t, t2i, self.ties)
         values = metrics_from_outcomes(i2t, t2i, self.ks, self.ties)
         health = collapse_diagnostics(images, texts, spread_threshold=self.collapse_spread)
         if health["collapsed"]:
