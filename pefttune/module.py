@@ -235,6 +235,7 @@ class DualEncoderModule(LightningModule):
             self.logit_bias,
             image_ids=batch.get("image_ids"),
             text_ids=batch.get("text_ids"),
+            image_hashes=batch.get("image_hashes"),
         )
         if not self._loss_is_finite(loss):
             return self._handle_nonfinite_loss(loss)
