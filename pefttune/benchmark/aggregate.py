@@ -414,8 +414,18 @@ def _flags(group: Group) -> str:
     return "; ".join(flags) or "-"
 
 
+def forgetting_metric(groups: Sequence[Group]) -> str | None:
+    """The forgetting column's metric: the change of RSUM on the second data set, else of its accuracy."""
+    names = {name for group in groups for name in group.stats if name.startswith("forget/change/")}
+    for preferred in ("forget/change/rsum", "forget/change/acc_hm", "forget/change/acc"):
+        if preferred in names:
+            return preferred
+    accuracies = sorted(name for name in names if name.startswith("forget/change/acc"))
+    return accuracies[0] if accuracies else None
+
+
 def to_markdown(groups: Sequence[Group], level: float = 0.95) -> str:
-    """One table per dataset: parameters, metrics, cost, difference to the best method and flags."""
+    """One table per dataset: parameters, metrics, cost, difference to the best, forgetting and flags."""
     lines: list[str] = []
     datasets = list(dict.fromkeys(group.dataset for group in groups))
     for dataset in datasets:
@@ -428,6 +438,9 @@ def to_markdown(groups: Sequence[Group], level: float = 0.95) -> str:
         header += ["peak memory (MB)", "wall (s)", "seeds"]
         if compared is not None:
             header.append(f"Δ {_label(compared)} vs best")
+        forgetting = forgetting_metric(rows)
+        if forgetting is not None:
+            header.append(f"forgetting: Δ {_label(forgetting)} on 2nd data set")
         header.append("flags")
         lines += [f"### {dataset}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for group in rows:
@@ -445,6 +458,13 @@ def to_markdown(groups: Sequence[Group], level: float = 0.95) -> str:
             cells.append(str(group.n))
             if compared is not None:
                 cells.append(format_comparison(group.comparison))
+            if forgetting is not None:
+                change, before = (
+                    group.stats.get(forgetting),
+                    group.stats.get(forgetting.replace("change", "before")),
+                )
+                cell = format_summary(change)
+                cells.append(cell if before is None else f"{cell} (from {before.mean:.1f})")
             cells.append(_flags(group))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -462,7 +482,9 @@ def to_markdown(groups: Sequence[Group], level: float = 0.95) -> str:
         "both methods). `≈ best`: an interval contains 0, the method is not separable from the best. "
         "Flags: `collapsed k/n` = the test embeddings collapsed in k of n seeds (the retrieval numbers "
         "then measure ties); `tied queries` = mean number of test queries whose best relevant candidate "
-        "tied with another (docs/protocol.md)."
+        "tied with another (docs/protocol.md). Forgetting (when the suite names a second data set): its "
+        "test metric after adaptation minus before, with the value before in parentheses; negative = "
+        "forgotten."
     )
     return "\n".join(lines) + "\n"
 

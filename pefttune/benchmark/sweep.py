@@ -130,10 +130,12 @@ def fit_command(run: RunSpec, directory: Path, python: str = sys.executable) -> 
 
     The run's overrides are read from ``<directory>/overrides.yaml`` (see :func:`write_overrides`).
     """
-    recorder = {
+    recorder: dict[str, Any] = {
         "class_path": "pefttune.benchmark.recorder.BenchmarkRecorder",
         "init_args": {"path": str(directory / "recorder.json")},
     }
+    if run.forgetting is not None:
+        recorder["init_args"]["forgetting_data"] = str(Path(run.forgetting).resolve())
     return [
         python,
         "-m",
