@@ -369,7 +369,7 @@ def format_count(count: float | None) -> str:
 
 
 def _label(metric: str) -> str:
-    name = metric.split("/", 1)[-1]
+    name = metric.rsplit("/", 1)[-1]
     return {"rsum": "RSUM"}.get(name, name.replace("_", " "))
 
 
