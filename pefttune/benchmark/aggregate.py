@@ -205,10 +205,14 @@ def aggregate(
 
 
 def primary_metric(groups: Sequence[Group]) -> str | None:
-    """The metric methods are ranked by: ``test/rsum`` when present, else the first zero-shot accuracy."""
+    """The metric methods are ranked by.
+
+    ``test/rsum``, else ``test/acc_hm`` (base-to-new), ``test/acc``, or the first zero-shot accuracy.
+    """
     names = {name for group in groups for name in group.stats}
-    if "test/rsum" in names:
-        return "test/rsum"
+    for preferred in ("test/rsum", "test/acc_hm", "test/acc"):
+        if preferred in names:
+            return preferred
     accuracies = sorted(name for name in names if name.startswith("test/acc"))
     return accuracies[0] if accuracies else None
 
