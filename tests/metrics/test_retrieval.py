@@ -804,3 +804,21 @@ def test_metric_warns_about_all_zero_embeddings() -> None:
         values = metric.compute()
     # Every query misses, whatever the tie rule: a collapsed model does not score R@1 = 100.
     assert float(values["i2t_R@1"]) == 0.0 and float(values["t2i_R@1"]) == 0.0
+
+
+def test_effective_rank_and_spread_on_known_geometry() -> None:
+    from pefttune.metrics import effective_rank, embedding_spread
+
+    # The d unit vectors e_i: mean (1/d, ..., 1/d), spread 1 - 1/d; centred, d - 1 equal singular values.
+    eye = torch.eye(6)
+    assert embedding_spread(eye) == pytest.approx(1 - 1 / 6)
+    assert effective_rank(eye) == pytest.approx(5.0, rel=1e-6)
+    assert embedding_spread(torch.ones(5, 3) / 3**0.5) == pytest.approx(0.0, abs=1e-12)
+    assert effective_rank(torch.ones(5, 3)) == 0.0
+    # Large sets are estimated on an evenly spaced subset; isotropic data keeps a high rank either way.
+    g = torch.Generator().manual_seed(0)
+    many = F.normalize(torch.randn(20000, 8, generator=g), dim=1)
+    assert effective_rank(many, max_items=512) == pytest.approx(
+        effective_rank(many, max_items=20000), rel=0.05
+    )
+    assert effective_rank(many) > 7
