@@ -464,8 +464,9 @@ class APEX(AdaptationStrategy):
         if not texts:
             log.warning("APEX: no training texts found; the ensemble will use the adapted model alone")
             return
-        # A data module that lists its training texts gives class prompts; otherwise they are captions.
-        kind: BankKind = "classes" if callable(getattr(datamodule, "training_texts", None)) else "captions"
+        # A data module with class groups (zero-shot classification) trains on class prompts; any other
+        # one on captions.
+        kind: BankKind = "classes" if callable(getattr(datamodule, "evaluation_groups", None)) else "captions"
         self.build_bank(module, texts, kind=kind)
 
     def build_bank(

@@ -127,7 +127,9 @@ def test_fit_start_records_what_the_bank_holds() -> None:
     module.strategy.on_fit_start(module, SimpleNamespace(datamodule=captions))
     assert module.strategy.bank_kind == "captions"
     module = _module()
-    classes = SimpleNamespace(training_texts=lambda: ["of a cat.", "of a dog."])
+    classes = SimpleNamespace(
+        training_texts=lambda: ["of a cat.", "of a dog."], evaluation_groups=lambda stage: []
+    )
     module.strategy.on_fit_start(module, SimpleNamespace(datamodule=classes))
     assert module.strategy.bank_kind == "classes"
 
