@@ -427,6 +427,10 @@ def metrics_from_ranks(
 ) -> dict[str, float]:
     """Summarise per-query ranks into the reported retrieval metrics.
 
+    R@K is the share of ranks <= K, which is right for the ``optimistic`` and ``pessimistic`` rules; under
+    ``expected`` a fractional rank does not say whether the hit is in the top K (use
+    :func:`metrics_from_outcomes`, which :func:`retrieval_metrics` does).
+
     Args:
         i2t_ranks: 1-based ranks of the image queries [N_img].
         t2i_ranks: 1-based ranks of the caption queries [N_txt].
