@@ -207,13 +207,15 @@ def test_unknown_placeholder_and_method_are_named():
         suite.runs({"data_root": "/d"}, methods=["b"])
 
 
-def test_shipped_suites_parse_and_name_all_six_methods_and_apex_without_ensemble():
+def test_shipped_suites_name_every_registered_method_and_apex_without_ensemble():
     from pathlib import Path
+
+    from pefttune.strategies.registry import methods
 
     root = Path(__file__).resolve().parents[2]
     for name in ("offline", "ucm"):
         suite = Suite.from_file(root / "benchmarks" / f"{name}.yaml")
-        assert set(suite.methods) == {"full", "lit", "duet", "cma", "lora", "apex", "apex_no_ensemble"}
+        assert set(suite.methods) == {m.name for m in methods()} | {"apex_no_ensemble"}
         off = suite.methods["apex_no_ensemble"]["overrides"]
         assert off == {"model.init_args.strategy.init_args.retrieval_ensemble": "off"}
         for run in suite.runs(seeds=[0]):

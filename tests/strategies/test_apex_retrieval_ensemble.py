@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -117,21 +116,19 @@ def test_off_evaluates_the_adapted_model_for_captions_but_not_for_class_prompts(
             strategy.evaluation_image_embeddings(module, images), module.encode_images(images)
         )
     # With class prompts APEX's own rule applies whatever retrieval_ensemble says.
-    strategy.build_bank(module, TRAIN, kind="classes")
+    strategy.build_bank(module, TRAIN, kind="class_prompts")
     assert strategy.ensemble_active and strategy.retrieval_mode is None and strategy.seen_threshold == 0.05
 
 
 def test_fit_start_records_what_the_bank_holds() -> None:
+    from pefttune.strategies.base import TrainingTexts
+
     module = _module()
-    captions = SimpleNamespace(records=lambda split: [SimpleNamespace(captions=TRAIN[:4])])
-    module.strategy.on_fit_start(module, SimpleNamespace(datamodule=captions))
+    module.strategy.on_fit_start(module, TrainingTexts(tuple(TRAIN[:4]), "captions"))
     assert module.strategy.bank_kind == "captions"
     module = _module()
-    classes = SimpleNamespace(
-        training_texts=lambda: ["of a cat.", "of a dog."], evaluation_groups=lambda stage: []
-    )
-    module.strategy.on_fit_start(module, SimpleNamespace(datamodule=classes))
-    assert module.strategy.bank_kind == "classes"
+    module.strategy.on_fit_start(module, TrainingTexts(("of a cat.", "of a dog."), "class_prompts"))
+    assert module.strategy.bank_kind == "class_prompts"
 
 
 def test_bank_kind_travels_with_the_state_and_old_states_load(caplog: pytest.LogCaptureFixture) -> None:
@@ -146,7 +143,9 @@ def test_bank_kind_travels_with_the_state_and_old_states_load(caplog: pytest.Log
     older = _module()
     with caplog.at_level(logging.WARNING):
         older.load_state_dict(state)
-    assert older.strategy.bank_kind == "classes" and "does not say what its text bank holds" in caplog.text
+    assert (
+        older.strategy.bank_kind == "class_prompts" and "does not say what its text bank holds" in caplog.text
+    )
 
 
 def test_options_are_checked() -> None:
