@@ -24,7 +24,8 @@ from pefttune.data.preprocessing import Preprocessing
 from pefttune.evaluation import ZeroShotEvaluation, ZeroShotMetric, text_prompt_prefix
 from pefttune.layers.frozen_batchnorm import refreeze_batchnorm_statistics
 from pefttune.losses import ContrastiveLoss
-from pefttune.metrics import RetrievalMetrics
+from pefttune.metrics import DEFAULT_TIES, RetrievalMetrics
+from pefttune.metrics.functional import Ties, _check_ties
 from pefttune.optim import Constant, WarmupCosine
 from pefttune.strategies.base import PARAMETER_GROUPS, AdaptationStrategy, TextKind, TrainingTexts
 from pefttune.strategies.full import FullFineTune
@@ -92,6 +93,8 @@ class DualEncoderModule(LightningModule):
             skips the step (on every rank together) and counts it.
         cache_locked_image_features: reuse a locked image tower's features across epochs when the training
             transform is deterministic (identical results, far fewer forward passes).
+        tie_rule: how retrieval ranks candidates that score exactly alike (``docs/protocol.md``): ``expected``
+            (the mean over random orders of the tied candidates; default), ``pessimistic`` or ``optimistic``.
     """
 
     def __init__(
@@ -106,8 +109,11 @@ class DualEncoderModule(LightningModule):
         eval_chunk_size: int = 1024,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
         cache_locked_image_features: bool = True,
+        tie_rule: Ties = DEFAULT_TIES,
     ) -> None:
         super().__init__()
+        _check_ties(tie_rule)
+        self.tie_rule: Ties = tie_rule
         # No save_hyperparameters(): the towers and the strategy are modules, so the run's YAML (saved
         # next to the logs by the CLI) is the record of how to rebuild the model, not the checkpoint.
         # None, not AdamW, as the default: jsonargparse would otherwise carry AdamW's defaults (eps,
@@ -191,8 +197,8 @@ class DualEncoderModule(LightningModule):
 
     def configure_metrics(self, top_k: tuple[int, ...], chunk_size: int) -> None:
         """Retrieval and zero-shot classification metrics for validation and test."""
-        self.val_retrieval = RetrievalMetrics(ks=top_k, chunk_size=chunk_size)
-        self.test_retrieval = RetrievalMetrics(ks=top_k, chunk_size=chunk_size)
+        self.val_retrieval = RetrievalMetrics(ks=top_k, chunk_size=chunk_size, ties=self.tie_rule)
+        self.test_retrieval = RetrievalMetrics(ks=top_k, chunk_size=chunk_size, ties=self.tie_rule)
         self.val_zero_shot = ZeroShotMetric()
         self.test_zero_shot = ZeroShotMetric()
         self._zero_shot: ZeroShotEvaluation | None = None
@@ -283,6 +289,7 @@ class DualEncoderModule(LightningModule):
             self.logit_bias,
             image_ids=batch.get("image_ids"),
             text_ids=batch.get("text_ids"),
+            image_hashes=batch.get("image_hashes"),
         )
         if not self._loss_is_finite(loss):
             return self._handle_nonfinite_loss(loss)

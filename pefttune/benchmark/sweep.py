@@ -112,10 +112,12 @@ def fit_command(run: RunSpec, directory: Path, python: str = sys.executable) -> 
 
     The run's overrides are read from ``<directory>/overrides.yaml`` (see :func:`write_overrides`).
     """
-    recorder = {
+    recorder: dict[str, Any] = {
         "class_path": "pefttune.benchmark.recorder.BenchmarkRecorder",
         "init_args": {"path": str(directory / "recorder.json")},
     }
+    if run.forgetting is not None:
+        recorder["init_args"]["forgetting_data"] = str(Path(run.forgetting).resolve())
     return [
         python,
         "-m",
@@ -221,6 +223,9 @@ def execute_run(
             checkpoint.unlink()
     path = result_path(output, run)
     path.parent.mkdir(parents=True, exist_ok=True)
+    ranks = directory / "recorder.ranks.npz"
+    if ranks.exists():  # per-query test ranks, for paired comparisons (pefttune.benchmark.stats)
+        shutil.copyfile(ranks, path.with_name(f"{run.slug}.ranks.npz"))
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
     # Written last and atomically: a result file exists only for a run that finished.
