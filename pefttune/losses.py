@@ -42,6 +42,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# Re-exported: the loss documents the batch key ``image_hashes`` that this function fills.
+from pefttune.data.records import image_content_hash
+
 __all__ = [
     "IMAGE_IDENTITIES",
     "ContrastiveLoss",
@@ -56,22 +59,6 @@ __all__ = [
 #: How a multi-positive loss decides that two batch items show the same image: by the data set's image id,
 #: or by the content of the image file (byte-identical files are one image, whatever their ids).
 IMAGE_IDENTITIES: tuple[str, ...] = ("id", "content")
-
-
-def image_content_hash(data: bytes) -> int:
-    """The value a data module puts in the batch key ``image_hashes`` for an image file's raw bytes.
-
-    The first 8 bytes of BLAKE2b over the file's bytes (before decoding), as a signed 64-bit integer (fits
-    ``torch.int64``). Equal bytes give equal values in every process and every run (unlike Python's
-    ``hash``), so ids compare correctly across DDP ranks; distinct files collide with probability about
-    ``n^2 / 2^65``.
-
-    Args:
-        data: the encoded image file (JPEG, PNG, ...), exactly as stored.
-    """
-    import hashlib
-
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
 def _world() -> tuple[int, int]:

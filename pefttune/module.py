@@ -212,6 +212,7 @@ class DualEncoderModule(LightningModule):
             eval_transform=self.image_tower.image_transform(train=False),
             tokenize=self.text_tower.tokenize,
             train_transform_is_deterministic=self.image_tower.train_transform_is_deterministic,
+            content_hashes=self.loss.image_identity == "content",
         )
 
     def setup(self, stage: str) -> None:

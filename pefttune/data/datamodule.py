@@ -468,7 +468,9 @@ class ImageTextDataModule(LightningDataModule):
             stream = source.training_stream(
                 split=str(self.split_names["train"]),
                 captions_per_image=self.captions_per_image,
-                load_item=ItemLoader(preprocessing.train_transform, self.sampler),
+                load_item=ItemLoader(
+                    preprocessing.train_transform, self.sampler, preprocessing.content_hashes
+                ),
                 seed=self.seed,
                 batch_size=self.batch_size,
                 drop_last=self.drop_last,
@@ -494,6 +496,7 @@ class ImageTextDataModule(LightningDataModule):
             seed=self.seed,
             max_items=self.max_train_samples,
             sampler=self.sampler,
+            content_hashes=preprocessing.content_hashes,
         )
         self._check_enough(len(dataset), world_size, source)
         return EpochDataLoader(

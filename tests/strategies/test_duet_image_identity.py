@@ -85,3 +85,45 @@ def test_duet_passes_the_option_to_its_loss_and_the_module_passes_the_hashes() -
     assert loss is not None and torch.isfinite(loss)
     with pytest.raises(ValueError, match="image_identity"):
         DueT(image_identity="pixels")  # type: ignore[arg-type]
+
+
+def test_content_identity_asks_the_data_for_hashes_and_the_batch_carries_them(tmp_path) -> None:
+    """End to end on the data side: two ids of one file's bytes get one hash; another file another."""
+    from PIL import Image
+
+    from pefttune.data.datasets import PairDataset, TrainCollate
+    from pefttune.data.records import ImageCaptionRecord
+
+    model = DualEncoderModule(tiny_vit(), tiny_bert(), DueT(width=8, image_identity="content"))
+    assert model.preprocessing.content_hashes
+    assert not DualEncoderModule(tiny_vit(), tiny_bert(), DueT(width=8)).preprocessing.content_hashes
+
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "a.png")
+    (tmp_path / "a_copy.png").write_bytes((tmp_path / "a.png").read_bytes())
+    Image.new("RGB", (8, 8), (10, 10, 200)).save(tmp_path / "b.png")
+    records = [
+        ImageCaptionRecord(name, str(tmp_path / f"{name}.png"), [f"caption of {name}"], "train")
+        for name in ("a", "a_copy", "b")
+    ]
+    preprocessing = model.preprocessing
+    dataset = PairDataset(records, transform=preprocessing.eval_transform, content_hashes=True)
+    batch = TrainCollate(preprocessing.tokenize)([dataset[i] for i in range(3)])
+    hashes = batch["image_hashes"]
+    assert hashes.dtype == torch.int64
+    assert hashes[0] == hashes[1] != hashes[2]
+    assert hashes[0] == image_content_hash((tmp_path / "a.png").read_bytes())
+    # The module hands them to the loss: a training step runs under content identity.
+    model.train()
+    image_embeds, text_embeds = model(batch)
+    loss = model.loss(
+        image_embeds,
+        text_embeds,
+        model.logit_scale_value,
+        model.logit_bias,
+        batch["image_ids"],
+        batch["text_ids"],
+        image_hashes=batch["image_hashes"],
+    )
+    assert torch.isfinite(loss)
+    without = PairDataset(records, transform=preprocessing.eval_transform)
+    assert "image_hashes" not in TrainCollate(preprocessing.tokenize)([without[i] for i in range(3)])
