@@ -436,7 +436,11 @@ class ProgressLog(Callback):
         """Print the validation metrics (rounded), and the best score so far."""
         if not self._active(trainer) or trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        metrics = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and ("R@" in k or "rsum" in k or "accuracy" in k)
+        }
         if not metrics:
             return
         line = f"validation after epoch {trainer.current_epoch + 1}, step {trainer.global_step}: "
