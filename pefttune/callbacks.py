@@ -125,9 +125,18 @@ class ExactResume(Callback):
             "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else [],
         }
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Remember the stage: only a resumed fit takes states from a checkpoint."""
+        self._stage = stage
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Remember the states; they are applied when training starts (loading happens earlier)."""
-        self._pending = dict(state_dict) if state_dict else None
+        """Remember the states; they are applied when training starts (loading happens earlier).
+
+        Ignored outside ``fit`` (Lightning 2.6 also restores callbacks when testing a checkpoint): a later
+        fit would otherwise start from the tested checkpoint's generator states.
+        """
+        if getattr(self, "_stage", "fit") == "fit":
+            self._pending = dict(state_dict) if state_dict else None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Give the training loader its state and the generators their states back, before the first step."""
@@ -236,12 +245,22 @@ class RunCheckpoint(ModelCheckpoint):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Resolve the folder (Lightning) and remember the logger's version for a resumed run."""
         super().setup(trainer, pl_module, stage)
+        self._stage = stage
         logger = trainer.logger
         self.logger_version = logger.version if logger is not None else None
 
     def state_dict(self) -> dict[str, Any]:
         """ModelCheckpoint's state, plus the logger version of the run."""
         return {**super().state_dict(), "logger_version": self.logger_version}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore when resuming a fit only.
+
+        Lightning 2.6 also restores callback states when it tests a checkpoint; after ``fit`` the test of
+        the best checkpoint then reset the best and last paths to what they were at the best epoch.
+        """
+        if getattr(self, "_stage", "fit") == "fit":
+            super().load_state_dict(state_dict)
 
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)

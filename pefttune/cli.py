@@ -27,6 +27,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import Callback, Checkpoint, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from pefttune.callbacks import (
     CollapseDetector,
@@ -271,6 +272,7 @@ class PefttuneCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
+        self._configured_strategy = _strategy_class_path(self.config[subcommand])
         path = self.config[subcommand].get("ckpt_path")
         if path and os.path.isfile(path):
             problem = describe_unreadable(path)
@@ -283,6 +285,14 @@ class PefttuneCLI(LightningCLI):
         if subcommand is None:
             return
         config = self.config[subcommand]
+        strategy = _strategy_class_path(config)
+        configured = getattr(self, "_configured_strategy", None)
+        if config.get("ckpt_path") and configured and strategy != configured:
+            # LightningCLI builds the model from the checkpoint's recorded config when it has one.
+            rank_zero_warn(
+                f"the model is built from the config recorded in {config['ckpt_path']} "
+                f"(strategy {strategy}), not from the given config (strategy {configured})"
+            )
         for key, instead in (("optimizer", "optimizer"), ("lr_scheduler", "lr_schedule")):
             if config.get(key) is not None:
                 _usage_error(
@@ -416,6 +426,13 @@ class _RunReport(Callback):
         """Print the locations."""
         if trainer.is_global_zero:
             print_locations(run_locations(trainer, self.cli.config[self.cli.subcommand]), "go")
+
+
+def _strategy_class_path(config: Namespace) -> str | None:
+    model = config.get("model")
+    init_args = model.get("init_args") if isinstance(model, Namespace) else None
+    strategy = init_args.get("strategy") if isinstance(init_args, Namespace) else None
+    return strategy.get("class_path") if isinstance(strategy, Namespace) else None
 
 
 def _checkpoint_logger_version(path: str) -> int | str | None:
