@@ -427,6 +427,23 @@ class _RunReport(Callback):
         if trainer.is_global_zero:
             print_locations(run_locations(trainer, self.cli.config[self.cli.subcommand]), "go")
 
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Say which checkpoint to resume from (Ctrl+C and errors alike)."""
+        if not trainer.is_global_zero:
+            return
+        callback = trainer.checkpoint_callback
+        last = getattr(callback, "last_model_path", "") or ""
+        what = (
+            "interrupted"
+            if isinstance(exception, KeyboardInterrupt)
+            else f"stopped by {type(exception).__name__}"
+        )
+        print(f"pefttune: {what} at step {trainer.global_step}", flush=True)
+        if last and os.path.isfile(last):
+            print(f"pefttune: resume from the last checkpoint with --ckpt_path {last}", flush=True)
+        else:
+            print("pefttune: no checkpoint was written yet", flush=True)
+
 
 def _strategy_class_path(config: Namespace) -> str | None:
     model = config.get("model")
