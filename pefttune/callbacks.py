@@ -101,13 +101,21 @@ class ExactResume(Callback):
     (Lightning 2.6 fetches a sized loader's batch when its step starts), so main-process augmentation draws
     as in the uninterrupted run. Under DDP only rank 0's states are saved (Lightning writes rank 0's
     checkpoint) and every rank gets them back, so per-rank dropout differs after a resume.
+
+    Args:
+        random_states: save and restore the generators (part 2).
+        loader_position: give the training loader its saved position back (part 1).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, random_states: bool = True, loader_position: bool = True) -> None:
+        self.random_states = random_states
+        self.loader_position = loader_position
         self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """The generators' states, as tensors and plain values (what ``weights_only`` loading reads)."""
+        if not self.random_states:
+            return {}
         name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
         version, python_state, gauss = random.getstate()
         return {
@@ -140,8 +148,9 @@ class ExactResume(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Give the training loader its state and the generators their states back, before the first step."""
-        _restore_training_loader_state(trainer)
-        if self._pending is None:
+        if self.loader_position:
+            _restore_training_loader_state(trainer)
+        if self._pending is None or not self.random_states:
             return
         state, self._pending = self._pending, None
         if "torch" in state:
@@ -335,34 +344,34 @@ class AdapterCheckpoint(Callback):
 
 
 class CollapseDetector(Callback):
-    """Warn when training has collapsed: the loss stays at one value, batch after batch.
+    """Warn when training has collapsed: the loss stays at chance level, ``ln(batch size)``, step after step.
 
     A contrastive model whose embeddings no longer depend on the input (after a learning rate far too high,
-    for instance) gives every pair the same similarity, so the loss sits at chance level, ``ln(batch size)``
-    per direction, whatever the batch holds; training then goes on for hours without learning. A working
-    model's loss moves from batch to batch with the data. The loss is compared in units of ``ln(batch
-    size)`` (so a smaller last batch does not hide a collapse); when it has stayed within ``tolerance`` for
-    ``patience`` steps, one warning names the step, the loss and the chance level.
+    for instance) gives every pair the same similarity, so the InfoNCE loss sits at ``ln(batch size)`` per
+    direction (``2 ln(B)`` for losses summed over both directions) whatever the batch holds, and training
+    goes on for hours without learning. A step counts as collapsed when its loss is within ``tolerance``
+    (relative) of that level; after ``patience`` collapsed steps in a row one warning names the step, the
+    loss and the chance level. (Models start near chance, so ``patience`` should cover more than the first
+    steps. Sigmoid losses have no such fixed level and are not watched.)
 
     Args:
-        patience: steps the loss must stay flat.
-        tolerance: largest spread of ``loss / ln(batch size)`` over those steps still counted as flat.
+        patience: collapsed steps in a row before the warning.
+        tolerance: relative distance to chance level still counted as collapsed.
     """
 
-    def __init__(self, patience: int = 200, tolerance: float = 1e-4) -> None:
-        if patience < 2:
-            raise ValueError(f"CollapseDetector: patience must be at least 2 steps, got {patience}")
+    def __init__(self, patience: int = 200, tolerance: float = 0.01) -> None:
+        if patience < 1:
+            raise ValueError(f"CollapseDetector: patience must be positive, got {patience}")
         self.patience = patience
         self.tolerance = tolerance
         self.warned_at: int | None = None
-        self._window: list[float] = []
+        self._count = 0
         self._first_step = 0
-        self._last: tuple[float, int] = (float("nan"), 0)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Track ``loss / ln(batch size)``; warn once when it has been flat for ``patience`` steps."""
+        """Count steps at chance level; warn once after ``patience`` of them in a row."""
         if self.warned_at is not None:
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
@@ -370,24 +379,22 @@ class CollapseDetector(Callback):
         if not isinstance(loss, torch.Tensor) or size < 2:
             return
         value = float(loss.detach())
-        if not math.isfinite(value):
+        chance = math.log(size)
+        level = next((k for k in (1, 2) if abs(value - k * chance) <= self.tolerance * k * chance), None)
+        if level is None:
+            self._count = 0
             return
-        ratio = value / math.log(size)
-        if self._window and max(*self._window, ratio) - min(*self._window, ratio) > self.tolerance:
-            self._window = []
-        if not self._window:
+        if self._count == 0:
             self._first_step = trainer.global_step
-        self._window.append(ratio)
-        self._last = (value, size)
-        if len(self._window) >= self.patience:
+        self._count += 1
+        if self._count >= self.patience:
             self.warned_at = trainer.global_step
-            value, size = self._last
             rank_zero_warn(
-                f"training has collapsed: the loss has stayed at {value:.4f} ({ratio:.3f} x ln({size}) = "
-                f"{ratio * math.log(size):.4f}; chance level is ln of the batch size per direction) for "
-                f"{len(self._window)} steps since step {self._first_step}. The embeddings no longer depend "
-                "on the input; lower the learning rate (model.init_args.optimizer.init_args.lr) and restart "
-                "from an earlier checkpoint",
+                f"training has collapsed: the loss has stayed at chance level for {self._count} steps "
+                f"since step {self._first_step} (now {value:.4f}; {'' if level == 1 else '2 x '}ln(batch "
+                f"size {size}) = {level * chance:.4f}). The embeddings no longer depend on the input; lower "
+                "the learning rate (model.init_args.optimizer.init_args.lr) and restart from an earlier "
+                "checkpoint",
                 category=UserWarning,
             )
 
