@@ -18,7 +18,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
-from pefttune.checkpointing import save_adapter
+from pefttune.checkpointing import export_peft_adapters, save_adapter
 
 
 class EmbeddingWriter(BasePredictionWriter):
@@ -204,6 +204,8 @@ def _restore_training_loader_state(trainer: Trainer) -> None:
 #: File names of the adapter-only checkpoints :class:`RunCheckpoint` writes next to the full ones.
 ADAPTER_BEST = "adapter-best.safetensors"
 ADAPTER_LAST = "adapter-last.safetensors"
+#: Folder of the best checkpoint's LoRA adapters in peft's layout (one subfolder per tower).
+PEFT_BEST = "peft-best"
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -219,7 +221,8 @@ class RunCheckpoint(ModelCheckpoint):
       ``adapter-best.safetensors``, and every time it writes ``last.ckpt`` it writes
       ``adapter-last.safetensors``, in the same folder and from the same weights at the same moment, so an
       adapter file always equals its full checkpoint (:mod:`pefttune.checkpointing`;
-      ``pefttune validate|test|predict --adapter_path``).
+      ``pefttune validate|test|predict --adapter_path``). A LoRA model's best adapters are also written
+      in peft's layout, ``peft-best/<tower>/`` (:func:`~pefttune.checkpointing.export_peft_adapters`).
 
     Its saved state has the state key of a plain ModelCheckpoint with the same arguments, so checkpoints of
     either resume with their best score; it also records the logger's version, so that ``pefttune fit
@@ -276,6 +279,7 @@ class RunCheckpoint(ModelCheckpoint):
         # Lightning sets best_model_path before it writes the file that became the best.
         if self.adapter_files and filepath == self.best_model_path:
             self.adapter_best_path = self._write_adapter(trainer, ADAPTER_BEST)
+            self._export_peft(trainer)
 
     def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
@@ -291,6 +295,16 @@ class RunCheckpoint(ModelCheckpoint):
             save_adapter(trainer.lightning_module, path)  # type: ignore[arg-type]
         trainer.strategy.barrier("pefttune_adapter_checkpoint")
         return path
+
+    def _export_peft(self, trainer: Trainer) -> None:
+        from pefttune.strategies.lora import LoRA
+
+        module = trainer.lightning_module
+        if not self.dirpath or not isinstance(getattr(module, "strategy", None), LoRA):
+            return
+        if trainer.is_global_zero:
+            export_peft_adapters(module, os.path.join(str(self.dirpath), PEFT_BEST))  # type: ignore[arg-type]
+        trainer.strategy.barrier("pefttune_peft_export")
 
     def _save_last_if_behind(self, trainer: Trainer) -> None:
         from lightning.pytorch.trainer.states import TrainerFn

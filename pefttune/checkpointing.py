@@ -321,7 +321,7 @@ def save_adapter(module: DualEncoderModule, path: str | os.PathLike[str]) -> dic
         "strategy": json.dumps(description, sort_keys=True),
     }
     payload = save(state, metadata=metadata)
-    atomic_write(path, lambda handle: handle.write(payload))
+    atomic_write(path, lambda handle, data=payload: handle.write(data))
     return {"format_version": FORMAT_VERSION, "strategy": description, "state": state}
 
 
@@ -406,6 +406,65 @@ def load_adapter(module: DualEncoderModule, path: str | os.PathLike[str]) -> Non
     with torch.no_grad():
         for key in expected:
             model_state[key].copy_(saved[key])
+
+
+def export_peft_adapters(module: DualEncoderModule, directory: str | os.PathLike[str]) -> dict[str, str]:
+    """Write a LoRA model's adapters in peft's own layout, one folder per adapted tower.
+
+    ``<directory>/image_tower`` and ``<directory>/text_tower`` each get ``adapter_model.safetensors`` and
+    ``adapter_config.json``, which ``peft.PeftModel.from_pretrained(tower.model, folder)`` loads onto the
+    bare backbone (``tower.model``) of a freshly built tower. Only the LoRA matrices are in peft's files;
+    projection heads trained next to them (``train_projections``) are in the pefttune adapter file only.
+    A tower whose fused ``qkv`` linear pefttune split into three (timm ViTs) has no such layers in its bare
+    backbone, so it cannot be exported this way and is skipped.
+
+    Returns:
+        ``{tower name: folder written}``.
+
+    Raises:
+        TypeError: when the model's strategy is not :class:`~pefttune.strategies.lora.LoRA`.
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save
+
+    from pefttune.layers.split_qkv import SplitQKV
+    from pefttune.strategies.lora import ADAPTER_NAME, LoRA
+
+    strategy = module.strategy
+    if not isinstance(strategy, LoRA):
+        raise TypeError(
+            f"peft's layout holds LoRA adapters; the model's strategy is {type(strategy).__name__}"
+        )
+    _refuse_merged(module, "export")
+    written: dict[str, str] = {}
+    for name, tower in (("image_tower", module.image_tower), ("text_tower", module.text_tower)):
+        targets = strategy.target_names.get(tower.modality)
+        if not targets or any(isinstance(m, SplitQKV) for m in tower.model.modules()):
+            continue
+        config = strategy.lora_config([target.removeprefix("model.") for target in targets])
+        config.base_model_name_or_path = getattr(tower, "model_name", None)
+        state = get_peft_model_state_dict(tower.model, adapter_name=ADAPTER_NAME)
+        # PeftModel wraps the backbone twice (PeftModel -> LoraModel -> model): its keys carry that prefix.
+        tensors = {
+            f"base_model.model.{key}": value.detach().cpu().contiguous() for key, value in state.items()
+        }
+        folder = os.path.join(os.fspath(directory), name)
+        payload = save(tensors, metadata={"format": "pt"})
+        atomic_write(
+            os.path.join(folder, "adapter_model.safetensors"), lambda handle, data=payload: handle.write(data)
+        )
+        config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_json_default).encode()
+        atomic_write(
+            os.path.join(folder, "adapter_config.json"), lambda handle, data=config_json: handle.write(data)
+        )
+        written[name] = folder
+    return written
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, set | frozenset):
+        return sorted(value)
+    return str(value)
 
 
 def _check_strategy(path: object, saved: dict[str, Any], current: dict[str, Any]) -> None:

@@ -160,3 +160,38 @@ def test_cli_says_when_the_checkpoint_replaces_the_configs_model(tmp_path, monke
     with pytest.warns(UserWarning, match=r"recorded in .*strategy pefttune.strategies.duet.DueT.*LiT"):
         cli = cli_main(["test", "--config", lit, "--ckpt_path", checkpoint])
     assert type(cli.model.strategy).__name__ == "DueT"
+
+
+def test_lora_adapters_load_into_bare_towers_with_peft(tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    from pefttune.testing import tiny_clip
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = cli_config(tmp_path / "run", "lora", epochs=1)
+    cli = _fit(write_config(tmp_path / "config.yaml", config), "--test_after_fit", "false")
+    folder = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints" / "peft-best"
+    assert {p.name for p in (folder / "image_tower").iterdir()} == {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+    }
+    best = build_model("lora")  # the same architecture; its weights come from the best checkpoint
+    load_checkpoint_weights(best, cli.trainer.checkpoint_callback.best_model_path)
+    best.eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    tokens = best.text_tower.tokenize(["a red square", "two blue circles"])
+    for name, inputs in (("image_tower", {"pixel_values": pixels}), ("text_tower", dict(tokens))):
+        tower = getattr(best, name)
+        bare = tiny_clip()[0 if name == "image_tower" else 1]
+        # The frozen backbone of the trained model, without its LoRA layers (peft's base_layer weights).
+        base = {
+            k.replace(".base_layer", ""): v for k, v in tower.model.state_dict().items() if "lora_" not in k
+        }
+        bare.model.load_state_dict(base)
+        wrapped = PeftModel.from_pretrained(bare.model, str(folder / name)).eval()
+        with torch.no_grad():
+            expected = tower.model(**inputs).pooler_output
+            actual = wrapped(**inputs).pooler_output
+        assert torch.allclose(expected, actual, atol=1e-6)
+        lora = [p for n, p in tower.model.named_parameters() if "lora_B" in n]
+        assert any(p.abs().sum() > 0 for p in lora)  # trained: the LoRA path is not the identity
