@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -29,6 +30,17 @@ from lightning.pytorch.callbacks import Callback, Checkpoint, LearningRateMonito
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
+from pefttune._entry import (
+    DESCRIPTION,
+    LIGHTNING_SUBCOMMANDS,
+    PACKAGED_CONFIGS,
+    SUBCOMMANDS,
+    main,
+    packaged_configs,
+    resolve_config,
+    resolve_config_arguments,
+    usage_error,
+)
 from pefttune.callbacks import (
     CollapseDetector,
     EmbeddingWriter,
@@ -43,66 +55,6 @@ from pefttune.module import DualEncoderModule
 from pefttune.towers.base import architecture_only
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-DESCRIPTION = (
-    "pefttune: train and compare parameter-efficient adaptation methods (DueT, Cross-Modal Adapter, LoRA, "
-    "APEX, full fine-tuning, LiT) on image-text dual encoders"
-)
-#: Every subcommand and its one-line description (``pefttune --help``).
-SUBCOMMANDS = {
-    "fit": "train, then test the best checkpoint (LightningCLI)",
-    "validate": "evaluate on the validation split (LightningCLI)",
-    "test": "evaluate on the test split (LightningCLI)",
-    "predict": "write image and text embeddings to a file (LightningCLI)",
-    "inspect": "build the model of a config and count its parameters, per group and tower",
-    "sweep": "run a benchmark suite, one process per run, then aggregate the results",
-    "visualize": "draw text->image and image->text retrievals of a checkpoint as a PNG",
-}
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-#: Where the shipped configs are installed (``pefttune/configs`` links to the repository's ``configs``).
-PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-
-
-# -- configs -------------------------------------------------------------------------------------------------
-def packaged_configs() -> list[str]:
-    """Names of the shipped configs (``duet``, ``paper/lora_clip_vitb16``, ...), sorted."""
-    names = []
-    for folder, _, files in os.walk(PACKAGED_CONFIGS, followlinks=True):
-        for file in files:
-            if file.endswith(".yaml"):
-                relative = os.path.relpath(os.path.join(folder, file), PACKAGED_CONFIGS)
-                names.append(relative[: -len(".yaml")].replace(os.sep, "/"))
-    return sorted(names)
-
-
-def resolve_config(value: str) -> str:
-    """A config path as given when it exists, else the shipped config of that name.
-
-    ``duet``, ``duet.yaml``, ``configs/duet.yaml`` and ``paper/lora_clip_vitb16`` all name shipped configs,
-    so the commands of the docs work from a ``pip install`` without a clone of the repository.
-    """
-    if os.path.exists(value) or value.startswith(("{", "[")) or "\n" in value:
-        return value
-    name = value.removeprefix("configs/").removesuffix(".yaml")
-    candidate = os.path.join(PACKAGED_CONFIGS, *name.split("/")) + ".yaml"
-    return candidate if os.path.isfile(candidate) else value
-
-
-def _resolve_config_arguments(argv: list[str]) -> list[str]:
-    resolved = []
-    take_next = False
-    for argument in argv:
-        if take_next:
-            resolved.append(resolve_config(argument))
-            take_next = False
-        elif argument in ("--config", "-c"):
-            resolved.append(argument)
-            take_next = True
-        elif argument.startswith("--config="):
-            resolved.append("--config=" + resolve_config(argument.split("=", 1)[1]))
-        else:
-            resolved.append(argument)
-    return resolved
 
 
 # -- errors --------------------------------------------------------------------------------------------------
@@ -167,9 +119,9 @@ def _is_class_problem(text: str) -> bool:
 
 def known_strategies() -> list[str]:
     """Class paths of the adaptation strategies that can be named in a config."""
-    import pefttune.strategies as strategies
     from pefttune.strategies.base import AdaptationStrategy
 
+    importlib.import_module("pefttune.strategies")  # the built-in strategies, so that they are subclasses
     found: list[str] = []
     pending = list(AdaptationStrategy.__subclasses__())
     while pending:
@@ -179,7 +131,6 @@ def known_strategies() -> list[str]:
             ("tests", "test_")
         ):
             found.append(f"{cls.__module__}.{cls.__qualname__}")
-    del strategies
     return sorted(set(found))
 
 
@@ -200,11 +151,6 @@ class PefttuneArgumentParser(LightningArgumentParser):
         sys.stderr.write(f"(every option: {prog} --help)\n")
         sys.stderr.write(f"error: {summarise_parse_error(message)}\n")
         self.exit(2)
-
-
-def _usage_error(subcommand: str | None, message: str) -> NoReturn:
-    sys.stderr.write(f"pefttune {subcommand or ''}: error: {message}\n")
-    raise SystemExit(2)
 
 
 # -- the LightningCLI ----------------------------------------------------------------------------------------
@@ -237,7 +183,6 @@ class PefttuneCLI(LightningCLI):
         trainer_defaults = dict(kwargs.pop("trainer_defaults", None) or {})
         trainer_defaults.setdefault("plugins", [{"class_path": "pefttune.checkpointing.AtomicCheckpointIO"}])
         kwargs["trainer_defaults"] = trainer_defaults
-        self._report: list[str] = []
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -277,7 +222,7 @@ class PefttuneCLI(LightningCLI):
         if path and os.path.isfile(path):
             problem = describe_unreadable(path)
             if problem is not None:
-                _usage_error(subcommand, f"--ckpt_path {problem}")
+                usage_error(subcommand, f"--ckpt_path {problem}")
 
     def before_instantiate_classes(self) -> None:
         """Refuse options that would be silently ignored or replaced; continue a resumed run's folder."""
@@ -295,7 +240,7 @@ class PefttuneCLI(LightningCLI):
             )
         for key, instead in (("optimizer", "optimizer"), ("lr_scheduler", "lr_schedule")):
             if config.get(key) is not None:
-                _usage_error(
+                usage_error(
                     subcommand,
                     f"--{key} is not supported: it would replace the strategy's parameter groups (per-group "
                     f"learning rates, no weight decay on norms) and schedule. Set "
@@ -305,7 +250,7 @@ class PefttuneCLI(LightningCLI):
                     f"model.init_args.{instead} instead (pefttune.optim.WarmupCosine or Constant)",
                 )
         if subcommand == "fit" and config.get("adapter_path") and config.get("ckpt_path"):
-            _usage_error(
+            usage_error(
                 subcommand,
                 "give --adapter_path (start a new run from an adapter) or --ckpt_path (resume a run), "
                 "not both",
@@ -540,7 +485,7 @@ def print_metrics(results: Sequence[dict[str, float]], title: str) -> None:
         suffix = f" (dataloader {index})" if len(results) > 1 else ""
         ordered = ordered_metrics({k: float(v) for k, v in metrics.items()})
         width = max(len(k) for k in ordered)
-        print(f"{title}{suffix}:", flush=False)
+        print(f"{title}{suffix}:")
         for name, value in ordered.items():
             print(f"  {name:<{width}}  {value:10.2f}")
     sys.stdout.flush()
@@ -572,11 +517,28 @@ def quiet_dependencies() -> None:
     warnings.filterwarnings("ignore", message=r".*GPU available but not used.*")
 
 
+__all__ = [
+    "DESCRIPTION",
+    "LIGHTNING_SUBCOMMANDS",
+    "PACKAGED_CONFIGS",
+    "SUBCOMMANDS",
+    "ConfigError",
+    "PefttuneCLI",
+    "build_model_from_config",
+    "cli_main",
+    "inspect_main",
+    "main",
+    "packaged_configs",
+    "parse_config",
+    "resolve_config",
+]
+
+
 # -- entry points --------------------------------------------------------------------------------------------
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> PefttuneCLI:
     """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``) and return the CLI."""
     quiet_dependencies()
-    argv = None if args is None else _resolve_config_arguments(list(args))
+    argv = None if args is None else resolve_config_arguments(list(args))
     return PefttuneCLI(
         DualEncoderModule,
         ImageTextDataModule,
@@ -586,64 +548,6 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> PefttuneCLI
         run=run,
         save_config_kwargs={"overwrite": True},
     )
-
-
-def _top_level_help() -> str:
-    from pefttune import __version__
-
-    lines = [
-        f"usage: pefttune [-h] [--version] {{{','.join(SUBCOMMANDS)}}} ...",
-        "",
-        DESCRIPTION + f" (version {__version__}).",
-        "",
-        "subcommands (pefttune SUBCOMMAND --help for their options):",
-    ]
-    lines += [f"  {name:<10} {text}" for name, text in SUBCOMMANDS.items()]
-    lines += [
-        "",
-        "options:",
-        "  -h, --help  show this help message and exit",
-        "  --version   print the version and exit",
-        "",
-        "configs: --config takes a file or the name of a shipped config: "
-        + ", ".join(packaged_configs()[:6])
-        + ", ... (pefttune inspect --list_configs lists all)",
-    ]
-    return "\n".join(lines)
-
-
-def main(args: Sequence[str] | None = None) -> Any:
-    """Entry point of the ``pefttune`` console script (also callable from Python and tests)."""
-    argv = list(sys.argv[1:] if args is None else args)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_top_level_help())
-        return None
-    if argv[0] == "--version":
-        from pefttune import __version__
-
-        print(f"pefttune {__version__}")
-        return None
-    command, rest = argv[0], argv[1:]
-    if command == "inspect":
-        return inspect_main(rest)
-    if command == "sweep":
-        from pefttune.benchmark.sweep import sweep_main
-
-        return sweep_main(_resolve_config_arguments(rest))
-    if command == "visualize":
-        from pefttune.visualize import main as visualize_main
-
-        return visualize_main(rest)
-    if command not in LIGHTNING_SUBCOMMANDS and not command.startswith("-"):
-        _usage_error(None, f"unknown subcommand {command!r}; choose one of: {', '.join(SUBCOMMANDS)}")
-    try:
-        if args is None:
-            # LightningCLI reads sys.argv itself (and warns when given both); shipped config names resolved.
-            sys.argv[1:] = _resolve_config_arguments(argv)
-            return cli_main(None)
-        return cli_main(argv)
-    except ConfigError as error:
-        _usage_error(command, str(error))
 
 
 # -- config parsing for inspect and visualize ----------------------------------------------------------------

@@ -248,3 +248,23 @@ def test_chance_level_helper_matches_infonce():
     embeds = torch.nn.functional.normalize(torch.ones(4, 8), dim=-1)
     loss = InfoNCELoss()(embeds, embeds, torch.tensor(10.0))
     assert math.isclose(float(loss), math.log(4), rel_tol=1e-5)
+
+
+def test_import_and_help_do_not_load_the_heavy_dependencies():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import pefttune; from pefttune._entry import main; main(['--help']); main(['--version']); "
+        "heavy = [m for m in ('torch', 'lightning', 'transformers', 'timm') if m in sys.modules]; "
+        "print('HEAVY', heavy)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in done.stdout and "visualize" in done.stdout
+
+
+def test_predict_says_where_the_embeddings_went(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = write_config(tmp_path / "c.yaml", cli_config(tmp_path / "run", "duet", epochs=1))
+    cli_main(["predict", "--config", config])
+    assert f"pefttune: embeddings  {tmp_path / 'run'}" in capsys.readouterr().out
