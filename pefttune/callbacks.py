@@ -256,7 +256,11 @@ class RunCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Resolve the folder (Lightning) and remember the logger's version for a resumed run."""
-        super().setup(trainer, pl_module, stage)
+        with warnings.catch_warnings():
+            if trainer.ckpt_path:
+                # A resumed run continues in its own folder: that it holds checkpoints is expected.
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
         self._stage = stage
         logger = trainer.logger
         self.logger_version = logger.version if logger is not None else None

@@ -597,7 +597,6 @@ def parse_config(
     """
     configs = [config] if isinstance(config, str) else list(config)
     argv = [argument for path in configs for argument in ("--config", resolve_config(path))]
-    quiet_dependencies()
     cli = _ConfigOnlyCLI(
         DualEncoderModule,
         ImageTextDataModule,
