@@ -95,7 +95,7 @@ def test_checkpoint_loads_without_the_yaml(tmp_path, monkeypatch):
     config = cli_config(tmp_path / "run", "lora", epochs=1)
     cli = _fit(write_config(tmp_path / "config.yaml", config), "--test_after_fit", "false")
     path = cli.trainer.checkpoint_callback.last_model_path
-    loaded = DualEncoderModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    loaded = DualEncoderModule.load_from_checkpoint(path, map_location="cpu")
     assert type(loaded.strategy).__name__ == "LoRA"
     trained = cli.model.state_dict()
     assert all(torch.equal(trained[k].cpu(), v) for k, v in loaded.state_dict().items())
