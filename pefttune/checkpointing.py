@@ -280,19 +280,13 @@ def _caller_frame() -> Any:
 
 
 # -- adapter-only checkpoints --------------------------------------------------------------------------------
-def strategy_arguments(strategy: AdaptationStrategy) -> dict[str, Any] | None:
-    """The constructor arguments a strategy records in its checkpoints (None when it records none)."""
-    declared = getattr(type(strategy), "checkpoint_arguments", None)
-    arguments = (
-        strategy.checkpoint_arguments() if callable(declared) else getattr(strategy, "init_args", None)
-    )  # type: ignore[attr-defined]
-    return _plain(dict(arguments)) if isinstance(arguments, dict) else None
-
-
 def strategy_description(strategy: AdaptationStrategy) -> dict[str, Any]:
-    """The strategy's import path and its checkpoint arguments."""
+    """The strategy's import path and its :meth:`~AdaptationStrategy.checkpoint_arguments`."""
     cls = type(strategy)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": strategy_arguments(strategy)}
+    return {
+        "class_path": f"{cls.__module__}.{cls.__qualname__}",
+        "init_args": _plain(strategy.checkpoint_arguments()),
+    }
 
 
 def adapter_state(module: DualEncoderModule) -> dict[str, torch.Tensor]:
@@ -492,7 +486,7 @@ def _argument_differences(saved: dict[str, Any] | None, current: dict[str, Any] 
 
 def _refuse_merged(module: DualEncoderModule, action: str) -> None:
     # A merged model's backbone weights already contain the update; loading or saving then mixes states.
-    if getattr(module.strategy, "merged", False):
+    if module.strategy.merged:
         raise RuntimeError(f"unmerge the strategy's weights before you {action} an adapter checkpoint")
 
 

@@ -31,7 +31,7 @@ from pefttune.layers.frozen_batchnorm import refreeze_batchnorm_statistics
 from pefttune.losses import ContrastiveLoss
 from pefttune.metrics import RetrievalMetrics
 from pefttune.optim import Constant, WarmupCosine
-from pefttune.strategies.base import PARAMETER_GROUPS, AdaptationStrategy
+from pefttune.strategies.base import PARAMETER_GROUPS, AdaptationStrategy, TextKind, TrainingTexts
 from pefttune.strategies.full import FullFineTune
 from pefttune.towers.base import ImageTower, TextTower
 
@@ -50,6 +50,31 @@ class _ForgetCachedFeatures:
 
     def __call__(self, _module: nn.Module, _incompatible_keys: Any) -> None:
         self.cache.clear()
+
+
+def training_texts(datamodule: object) -> TrainingTexts:
+    """Every text the data module trains on, for a strategy that asks for them (APEX's text bank).
+
+    The data module's ``training_texts()``; for data modules without it, the captions of its training
+    records. Class prompts when the data module serves zero-shot classification (``evaluation_groups``),
+    else captions. Empty without a data module or when the training split streams from shards (logged).
+    """
+    if datamodule is None:
+        return TrainingTexts()
+    # The one place that probes the data module: the declared data-module Protocols
+    # (pefttune.data.contracts: RetrievalData.training_texts, ClassificationData) replace these probes.
+    getter = getattr(datamodule, "training_texts", None)
+    records = getattr(datamodule, "records", None)
+    classification = callable(getattr(datamodule, "evaluation_groups", None))
+    kind: TextKind = "class_prompts" if classification else "captions"
+    try:
+        if callable(getter):
+            return TrainingTexts(tuple(getter()), kind)
+        if callable(records):
+            return TrainingTexts(tuple(c for record in records("train") for c in record.captions), kind)
+    except RuntimeError as error:
+        log.warning("cannot list the training texts (%s)", error)
+    return TrainingTexts(kind=kind)
 
 
 class DualEncoderModule(LightningModule):
@@ -128,7 +153,7 @@ class DualEncoderModule(LightningModule):
     def configure_strategy(self, strategy: AdaptationStrategy) -> None:
         """Let the strategy adapt the towers (once)."""
         self.strategy = strategy
-        strategy.apply(self.image_tower, self.text_tower)
+        strategy.attach(self.image_tower, self.text_tower)
 
     def configure_temperature(self) -> None:
         """Create the logit scale (stored as its log, like CLIP) following the strategy's policy."""
@@ -225,7 +250,9 @@ class DualEncoderModule(LightningModule):
         restored = refreeze_batchnorm_statistics(self)
         if restored:
             log.info("re-froze the running statistics of %d replaced BatchNorm layers", restored)
-        self.strategy.on_fit_start(self, self.trainer)
+        wanted = self.strategy.uses_training_texts
+        texts = training_texts(self.trainer.datamodule) if wanted else TrainingTexts()
+        self.strategy.on_fit_start(self, texts)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         """One contrastive step over the (global) batch."""

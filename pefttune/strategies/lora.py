@@ -126,16 +126,7 @@ class LoRA(AdaptationStrategy):
         self.rslora = bool(rslora)
         self.towers = towers
         self.train_projections = train_projections
-        #: The constructor arguments, kept in adapter-only checkpoints (see :mod:`pefttune.checkpointing`).
-        self.init_args: dict[str, Any] = {
-            "r": self.r,
-            "alpha": self.alpha,
-            "dropout": self.dropout,
-            "rslora": self.rslora,
-            "targets": targets if isinstance(targets, str) else list(self.patterns),
-            "towers": towers,
-            "train_projections": train_projections,
-        }
+        self.targets: str | list[str] = targets if isinstance(targets, str) else list(self.patterns)
         #: Per modality, the adapted module names relative to the tower (filled by :meth:`adapt`).
         self.target_names: dict[str, list[str]] = {}
         # A plain list (not registered): the layers belong to the towers, not to the strategy.

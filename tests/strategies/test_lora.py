@@ -144,7 +144,7 @@ def test_fused_qkv_gets_three_updates_equal_to_reference_lora() -> None:
     reference = copy.deepcopy(image_tower).eval()
     widths = [block.width for block in image_tower.blocks()]
     strategy = LoRA()
-    strategy.apply(image_tower, text_tower)
+    strategy.attach(image_tower, text_tower)
     image_tower.eval()
     images = torch.randn(2, 3, 32, 32)
 
@@ -194,7 +194,7 @@ def test_defaults_follow_clip_lora(tower_pair) -> None:
 def test_cnn_targets_only_dense_1x1_convolutions() -> None:
     image_tower, text_tower = tiny_cnn(), tiny_bert()
     strategy = LoRA()
-    strategy.apply(image_tower, text_tower)
+    strategy.attach(image_tower, text_tower)
     names = strategy.target_names["image"]
     assert names
     for name in names:
@@ -207,7 +207,7 @@ def test_cnn_targets_only_dense_1x1_convolutions() -> None:
 def test_presets_and_patterns_choose_targets() -> None:
     image_tower, text_tower = tiny_clip()
     strategy = LoRA(targets="qkv+out")
-    strategy.apply(image_tower, text_tower)
+    strategy.attach(image_tower, text_tower)
     suffixes = {
         name.rsplit(".", 1)[-1] for name in strategy.target_names["image"] + strategy.target_names["text"]
     }
@@ -215,7 +215,7 @@ def test_presets_and_patterns_choose_targets() -> None:
 
     image_tower, text_tower = tiny_vit(), tiny_bert()
     strategy = LoRA(targets="mlp")
-    strategy.apply(image_tower, text_tower)
+    strategy.attach(image_tower, text_tower)
     assert {n.split(".", 3)[-1] for n in strategy.target_names["image"]} == {"mlp.fc1", "mlp.fc2"}
     assert {n.split(".", 4)[-1] for n in strategy.target_names["text"]} == {
         "intermediate.dense",
@@ -225,7 +225,7 @@ def test_presets_and_patterns_choose_targets() -> None:
     # Patterns: a dotted suffix, and a fused qkv selected by a pattern is split before peft sees it.
     image_tower, text_tower = tiny_vit(), tiny_bert()
     strategy = LoRA(targets=["model.blocks.0.attn.qkv", "attention.self.value"])
-    strategy.apply(image_tower, text_tower)
+    strategy.attach(image_tower, text_tower)
     assert strategy.target_names["image"] == [f"model.blocks.0.attn.qkv.{p}" for p in "qkv"]
     assert [n.rsplit(".", 1)[-1] for n in strategy.target_names["text"]] == ["value", "value"]
 
@@ -237,10 +237,10 @@ def test_bad_targets_are_refused() -> None:
         LoRA(towers="vision")
     image_tower, text_tower = tiny_clip()
     with pytest.raises(ValueError, match="select no layer"):
-        LoRA(targets=["no_such_layer"]).apply(image_tower, text_tower)
+        LoRA(targets=["no_such_layer"]).attach(image_tower, text_tower)
     image_tower, text_tower = tiny_vit(), tiny_bert()
     with pytest.raises(ValueError, match="inside the backbone"):
-        LoRA(targets=["projection"]).apply(image_tower, text_tower)
+        LoRA(targets=["projection"]).attach(image_tower, text_tower)
 
 
 def test_one_tower_only_locks_the_other() -> None:
@@ -278,7 +278,7 @@ def test_fused_qkv_with_separate_biases_is_adapted() -> None:
                 parameter.normal_(std=0.1)
     reference.load_state_dict(image_tower.state_dict())
     strategy = LoRA()
-    strategy.apply(image_tower, tiny_bert())
+    strategy.attach(image_tower, tiny_bert())
     image_tower.eval()
     images = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
