@@ -18,7 +18,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
-from pefttune.checkpointing import export_peft_adapters, save_adapter
+from pefttune.checkpointing import export_peft_adapters, remove_stale_temporary_files, save_adapter
 
 
 class EmbeddingWriter(BasePredictionWriter):
@@ -262,6 +262,8 @@ class RunCheckpoint(ModelCheckpoint):
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             super().setup(trainer, pl_module, stage)
         self._stage = stage
+        if stage == "fit" and trainer.is_global_zero:
+            remove_stale_temporary_files(self.dirpath)
         logger = trainer.logger
         self.logger_version = logger.version if logger is not None else None
 

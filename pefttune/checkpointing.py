@@ -29,6 +29,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -49,6 +50,8 @@ ADAPTER_FORMAT = "pefttune-adapter"
 CHECKPOINT_KEY = "pefttune"
 _SHOWN = 10
 _SAFETENSORS_HEADER_LIMIT = 100_000_000
+# atomic_write's temporary files: "." + the destination's name + "." + mkstemp's 8 characters + ".tmp".
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 
 class CheckpointError(RuntimeError):
@@ -98,6 +101,27 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
             ) from error
         raise
     _fsync_directory(directory)
+
+
+def remove_stale_temporary_files(directory: str | os.PathLike[str] | None) -> list[str]:
+    """Delete the temporary files of interrupted :func:`atomic_write` calls in ``directory``.
+
+    A write killed before its rename (``kill -9``, a power cut) leaves ``.NAME.XXXX.tmp`` next to the
+    intact ``NAME``; a run starting in that folder removes them. Only files of that exact shape go.
+
+    Returns:
+        The paths removed.
+    """
+    if directory is None or not _is_local_file_protocol(directory) or not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in os.listdir(directory):
+        if _TEMPORARY.match(name):
+            path = os.path.join(os.fspath(directory), name)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                removed.append(path)
+    return removed
 
 
 def _umask() -> int:

@@ -597,15 +597,18 @@ def parse_config(
     """
     configs = [config] if isinstance(config, str) else list(config)
     argv = [argument for path in configs for argument in ("--config", resolve_config(path))]
-    cli = _ConfigOnlyCLI(
-        DualEncoderModule,
-        ImageTextDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=[*argv, *overrides],
-        run=False,
-        build_data=build_data,
-    )
+    with warnings.catch_warnings():
+        # The arguments are given on purpose, whatever the process's own command line holds.
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+        cli = _ConfigOnlyCLI(
+            DualEncoderModule,
+            ImageTextDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=[*argv, *overrides],
+            run=False,
+            build_data=build_data,
+        )
     return cli.model, cli.datamodule, cli.config
 
 

@@ -26,6 +26,7 @@ from pefttune.checkpointing import (
     atomic_write,
     load_adapter,
     read_adapter,
+    remove_stale_temporary_files,
     save_adapter,
 )
 
@@ -153,6 +154,11 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_pat
     # The interrupted write left its temporary file; the checkpoint itself is the previous, whole one.
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert AtomicCheckpointIO().load_checkpoint(path)["global_step"] == 1
+    # The next run in that folder clears the leftover (and nothing else).
+    (tmp_path / "notes.tmp").write_text("mine")
+    removed = remove_stale_temporary_files(tmp_path)
+    assert len(removed) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "notes.tmp", "writing"]
 
 
 _INTERRUPTED_FIT = textwrap.dedent(
