@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -118,20 +117,10 @@ def _is_class_problem(text: str) -> bool:
 
 
 def known_strategies() -> list[str]:
-    """Class paths of the adaptation strategies that can be named in a config."""
-    from pefttune.strategies.base import AdaptationStrategy
+    """Class paths of the registered adaptation methods (:mod:`pefttune.strategies.registry`)."""
+    from pefttune.strategies.registry import available_strategies
 
-    importlib.import_module("pefttune.strategies")  # the built-in strategies, so that they are subclasses
-    found: list[str] = []
-    pending = list(AdaptationStrategy.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        pending += cls.__subclasses__()
-        if not getattr(cls, "__abstractmethods__", None) and not cls.__module__.startswith(
-            ("tests", "test_")
-        ):
-            found.append(f"{cls.__module__}.{cls.__qualname__}")
-    return sorted(set(found))
+    return sorted(available_strategies().values())
 
 
 class PefttuneArgumentParser(LightningArgumentParser):

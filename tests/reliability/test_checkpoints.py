@@ -195,3 +195,9 @@ def test_lora_adapters_load_into_bare_towers_with_peft(tmp_path, monkeypatch):
         assert torch.allclose(expected, actual, atol=1e-6)
         lora = [p for n, p in tower.model.named_parameters() if "lora_B" in n]
         assert any(p.abs().sum() > 0 for p in lora)  # trained: the LoRA path is not the identity
+
+
+def test_every_registered_method_has_a_resume_row():
+    from pefttune.strategies.registry import available_strategies
+
+    assert set(available_strategies()) <= set(CLI_STRATEGIES)
