@@ -320,8 +320,8 @@ class RunCheckpoint(ModelCheckpoint):
             or trainer.sanity_checking
             or bool(trainer.fast_dev_run)
             or trainer.state.fn != TrainerFn.FITTING
+            or trainer.global_step == 0  # nothing trained yet
             or self._last_saved_step == trainer.global_step
-            or (trainer.global_step == 0 and self._last_saved_step is None and not trainer.current_epoch)
         ):
             return
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
