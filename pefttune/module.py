@@ -19,6 +19,12 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from pefttune.checkpointing import (
+    CHECKPOINT_KEY,
+    check_checkpoint_fits,
+    checkpoint_record,
+    record_hyperparameters,
+)
 from pefttune.data.contracts import ClassificationData, RetrievalData
 from pefttune.data.preprocessing import Preprocessing
 from pefttune.evaluation import ZeroShotEvaluation, ZeroShotMetric, text_prompt_prefix
@@ -114,8 +120,11 @@ class DualEncoderModule(LightningModule):
         super().__init__()
         _check_ties(tie_rule)
         self.tie_rule: Ties = tie_rule
-        # No save_hyperparameters(): the towers and the strategy are modules, so the run's YAML (saved
-        # next to the logs by the CLI) is the record of how to rebuild the model, not the checkpoint.
+        # Built by the CLI: the whole model config (load_from_checkpoint works without the YAML); in Python:
+        # the plain arguments only (towers, strategy, loss and factories are objects).
+        record_hyperparameters(
+            self, ["image_tower", "text_tower", "strategy", "loss", "optimizer", "lr_schedule"]
+        )
         # None, not AdamW, as the default: jsonargparse would otherwise carry AdamW's defaults (eps,
         # weight_decay) over into another optimizer class chosen in a config.
         self.optimizer_factory = optimizer if optimizer is not None else torch.optim.AdamW
@@ -448,6 +457,15 @@ class DualEncoderModule(LightningModule):
             "caption_ids": batch["caption_ids"].cpu(),
             "caption_image_ids": batch["caption_image_ids"].cpu(),
         }
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the strategy and its arguments, so a checkpoint that does not fit says who saved it."""
+        checkpoint[CHECKPOINT_KEY] = checkpoint_record(self)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, in a few lines, a checkpoint of another strategy or backbone (before the weights load)."""
+        check_checkpoint_fits(self, checkpoint, getattr(self._trainer, "ckpt_path", None))
 
     # -- reporting ---------------------------------------------------------------------------------
     def parameter_report(self) -> dict[str, Any]:
