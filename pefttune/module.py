@@ -8,6 +8,7 @@ classification batches (``"labels" in batch``, from
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -21,6 +22,13 @@ from torch import nn
 
 from pefttune.data.preprocessing import Preprocessing
 from pefttune.evaluation import ZeroShotEvaluation, ZeroShotMetric, text_prompt_prefix
+from pefttune.gradcache import (
+    average_gradients,
+    broadcast_from_first_rank,
+    cached_embeddings,
+    running_statistics,
+    split_batch,
+)
 from pefttune.layers.frozen_batchnorm import refreeze_batchnorm_statistics
 from pefttune.losses import ContrastiveLoss
 from pefttune.metrics import RetrievalMetrics
@@ -66,6 +74,11 @@ class DualEncoderModule(LightningModule):
             skips the step (on every rank together) and counts it.
         cache_locked_image_features: reuse a locked image tower's features across epochs when the training
             transform is deterministic (identical results, far fewer forward passes).
+        grad_cache_chunk_size: train with gradient caching (GradCache, :mod:`pefttune.gradcache`): encode
+            the batch in chunks of this many rows without a graph, compute the loss over the whole batch,
+            then re-run each chunk with its embeddings' gradient. Same gradients as the full batch (exact
+            without BatchNorm in training mode) at the activation memory of one chunk, for a second
+            forward pass of the trainable towers. ``None`` (default) encodes the batch at once.
     """
 
     def __init__(
@@ -80,8 +93,14 @@ class DualEncoderModule(LightningModule):
         eval_chunk_size: int = 1024,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
         cache_locked_image_features: bool = True,
+        grad_cache_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        if grad_cache_chunk_size is not None and grad_cache_chunk_size < 1:
+            raise ValueError(f"grad_cache_chunk_size must be >= 1 or None, got {grad_cache_chunk_size}")
+        self.grad_cache_chunk_size = grad_cache_chunk_size
+        # Open while a GradCache step runs outside DDP's reducer: (its no_sync context, sync at the end?).
+        self._grad_cache_sync: tuple[contextlib.ExitStack, bool] | None = None
         # No save_hyperparameters(): the towers and the strategy are modules, so the run's YAML (saved
         # next to the logs by the CLI) is the record of how to rebuild the model, not the checkpoint.
         # None, not AdamW, as the default: jsonargparse would otherwise carry AdamW's defaults (eps,
@@ -220,8 +239,11 @@ class DualEncoderModule(LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         """One contrastive step over the (global) batch."""
-        image_embeds = self._training_image_embeddings(batch)
-        text_embeds = self.encode_texts(batch["input_ids"], batch["attention_mask"])
+        if self.grad_cache_chunk_size is not None:
+            image_embeds, text_embeds = self._grad_cache_embeddings(batch, self.grad_cache_chunk_size)
+        else:
+            image_embeds = self._training_image_embeddings(batch)
+            text_embeds = self.encode_texts(batch["input_ids"], batch["attention_mask"])
         loss = self.loss(
             image_embeds,
             text_embeds,
@@ -231,12 +253,89 @@ class DualEncoderModule(LightningModule):
             text_ids=batch.get("text_ids"),
         )
         if not self._loss_is_finite(loss):
+            self._end_grad_cache_step(synchronise=False)  # no backward pass follows
             return self._handle_nonfinite_loss(loss)
         batch_size = image_embeds.shape[0]
         # Each rank holds its share of the global loss; their mean is the global loss.
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log("train/logit_scale", self.logit_scale_value.detach(), batch_size=batch_size)
         return loss
+
+    # -- gradient caching ----------------------------------------------------------------------------
+    def _grad_cache_embeddings(
+        self, batch: dict[str, torch.Tensor], chunk_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both towers' embeddings of the batch, computed chunk by chunk without a graph (GradCache).
+
+        Their backward pass re-runs the chunks of the trainable towers (:func:`cached_embeddings`); a
+        locked tower is only run once, chunk by chunk (its features may come from the feature cache).
+        """
+        self._begin_grad_cache_step()
+        image_keys = ("pixel_values", "image_ids") if "image_ids" in batch else ("pixel_values",)
+        image_chunks = split_batch({key: batch[key] for key in image_keys}, chunk_size)
+        if self.image_tower.locked:
+            images = torch.cat([self._training_image_embeddings(chunk) for chunk in image_chunks])
+        else:
+            images = cached_embeddings(
+                lambda chunk: self.encode_images(chunk["pixel_values"]),
+                image_chunks,
+                modules=(self.image_tower, self.strategy),
+            )
+        text_chunks = split_batch({key: batch[key] for key in ("input_ids", "attention_mask")}, chunk_size)
+        encode_text = lambda chunk: self.encode_texts(chunk["input_ids"], chunk["attention_mask"])  # noqa: E731
+        if self.text_tower.locked:
+            texts = torch.cat([encode_text(chunk) for chunk in text_chunks])
+        else:
+            texts = cached_embeddings(encode_text, text_chunks, modules=(self.text_tower, self.strategy))
+        return images, texts
+
+    def _distributed_wrapper(self) -> nn.parallel.DistributedDataParallel | None:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        wrapper = self.trainer.strategy.model
+        if not isinstance(wrapper, nn.parallel.DistributedDataParallel):
+            raise RuntimeError(
+                "grad_cache_chunk_size needs a single device or DDP, not "
+                f"{type(self.trainer.strategy).__name__} (model wrapped in {type(wrapper).__name__}); set "
+                "grad_cache_chunk_size=None or use "
+                "strategy='ddp'"
+            )
+        return wrapper
+
+    def _begin_grad_cache_step(self) -> None:
+        """Keep this step's several backward passes out of DDP's reducer; gradients are averaged at the end.
+
+        Called inside DDP's forward (the training step): ``no_sync`` read now is Lightning's decision for
+        this step (no sync while accumulating), and leaving it on until the backward pass stops DDP from
+        expecting the one backward pass per forward its reducer is built for.
+        """
+        self._end_grad_cache_step(synchronise=False)
+        wrapper = self._distributed_wrapper()
+        if wrapper is None:
+            return
+        synchronise = wrapper.require_backward_grad_sync
+        stack = contextlib.ExitStack()
+        stack.enter_context(wrapper.no_sync())
+        self._grad_cache_sync = (stack, synchronise)
+
+    def _end_grad_cache_step(self, synchronise: bool) -> None:
+        if self._grad_cache_sync is None:
+            return
+        stack, step_synchronises = self._grad_cache_sync
+        self._grad_cache_sync = None
+        stack.close()
+        if not (synchronise and step_synchronises):
+            return
+        # What DDP's reducer would have done: average the gradients, then align the running statistics
+        # (DDP broadcasts rank 0's buffers before each forward; only BatchNorm's change in training).
+        average_gradients(p for p in self.parameters() if p.requires_grad)
+        if getattr(self.trainer.strategy.model, "broadcast_buffers", True):
+            broadcast_from_first_rank(running_statistics(self))
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Back-propagate; a GradCache step under DDP then averages the gradients over the ranks."""
+        super().backward(loss, *args, **kwargs)
+        self._end_grad_cache_step(synchronise=True)
 
     def _loss_is_finite(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).to(torch.float32)
