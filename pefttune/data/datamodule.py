@@ -16,6 +16,7 @@ from typing import Any, Literal
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from pefttune.data.cache import DecodedImageCache, split_transform
 from pefttune.data.datasets import (
     EpochDataLoader,
     EvalCollate,
@@ -107,6 +108,10 @@ class ImageTextDataModule(LightningDataModule):
         synthetic_test: Synthetic source: number of test images.
         synthetic_image_size: Synthetic source: image side in pixels.
         seed: Seed of the synthetic data, the training shuffle and the caption draw.
+        image_cache_dir: Keep decoded, resized images in memory-mapped uint8 files under this folder
+            (:class:`~pefttune.data.cache.DecodedImageCache`), so that later epochs and later runs skip
+            decoding and resizing: evaluation images always, training images when the training transform
+            resizes before any random step. None (default) decodes every image every time.
     """
 
     def __init__(
@@ -145,6 +150,7 @@ class ImageTextDataModule(LightningDataModule):
         synthetic_test: int = 128,
         synthetic_image_size: int = 64,
         seed: int = 0,
+        image_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -184,6 +190,7 @@ class ImageTextDataModule(LightningDataModule):
         self.max_train_samples = max_train_samples
         self.max_eval_images = max_eval_images
         self.seed = seed
+        self.image_cache_dir = image_cache_dir
         self._read_options: dict[str, Any] = {
             "image_root": image_root,
             "restval_split": restval_split,
@@ -452,6 +459,7 @@ class ImageTextDataModule(LightningDataModule):
             seed=self.seed,
             max_items=self.max_train_samples,
         )
+        self._use_image_cache(dataset, preprocessing.train_transform, training=True)
         _, world_size = self._rank_and_world()
         per_rank = len(dataset) // (world_size or 1)
         if self.drop_last and per_rank < self.batch_size:
@@ -476,6 +484,7 @@ class ImageTextDataModule(LightningDataModule):
             return []  # Lightning runs no loop for an empty list of dataloaders
         preprocessing = self._require_preprocessing()
         dataset = ImageWithCaptionsDataset(self.records(role), transform=preprocessing.eval_transform)
+        self._use_image_cache(dataset, preprocessing.eval_transform, training=False)
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
@@ -483,6 +492,21 @@ class ImageTextDataModule(LightningDataModule):
             collate_fn=EvalCollate(preprocessing.tokenize),
             drop_last=False,
             **self._worker_options(),
+        )
+
+    def _use_image_cache(self, dataset: Any, transform: Any, training: bool) -> None:
+        """Serve ``dataset``'s images from a decoded-image cache when ``image_cache_dir`` is set."""
+        if self.image_cache_dir is None:
+            return
+        prefix, _ = split_transform(transform)
+        if training and len(prefix.transforms) == 1:
+            logger.info(
+                "image_cache_dir: training images are decoded every epoch (the training transform's first "
+                "step after the conversion to a tensor is random, so there is nothing fixed to cache)"
+            )
+            return
+        dataset.image_cache = DecodedImageCache(
+            self.image_cache_dir, transform, [record.image for record in dataset.records]
         )
 
     def val_dataloader(self) -> DataLoader | list[Any]:

@@ -40,6 +40,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from pefttune.data.cache import CachedImageSource
 from pefttune.data.formats import TarMemberImage, expand_shards, iter_tar_samples, sample_to_record
 from pefttune.data.preprocessing import ImageTransform, Tokenize
 from pefttune.data.records import (
@@ -271,6 +272,8 @@ class _RecordDataset(Dataset):
     def __init__(self, records: Sequence[ImageCaptionRecord], transform: ImageTransform | None) -> None:
         self.index = CaptionIndex(records)
         self.transform = transform
+        # Set by the data module to serve images from a decoded-image cache (pefttune.data.cache).
+        self.image_cache: CachedImageSource | None = None
 
     @property
     def records(self) -> list[ImageCaptionRecord]:
@@ -278,6 +281,9 @@ class _RecordDataset(Dataset):
         return self.index.records
 
     def _image(self, record: ImageCaptionRecord) -> Any:
+        if self.image_cache is not None:
+            decode = lambda: load_image(record.image, record=record.describe())  # noqa: E731
+            return self.image_cache.load(record.image, decode)
         image = load_image(record.image, record=record.describe())
         return self.transform(image) if self.transform is not None else image
 
