@@ -32,7 +32,7 @@ from pefttune.gradcache import (
 from pefttune.layers.frozen_batchnorm import refreeze_batchnorm_statistics
 from pefttune.losses import ContrastiveLoss
 from pefttune.metrics import RetrievalMetrics
-from pefttune.optim import Constant, WarmupCosine
+from pefttune.optim import Constant, WarmupCosine, fused_variant
 from pefttune.strategies.base import PARAMETER_GROUPS, AdaptationStrategy
 from pefttune.strategies.full import FullFineTune
 from pefttune.towers.base import ImageTower, TextTower
@@ -79,6 +79,14 @@ class DualEncoderModule(LightningModule):
             then re-run each chunk with its embeddings' gradient. Same gradients as the full batch (exact
             without BatchNorm in training mode) at the activation memory of one chunk, for a second
             forward pass of the trainable towers. ``None`` (default) encodes the batch at once.
+        compile_towers: compile both towers with ``torch.compile`` when the model is set up for a run
+            (``True``, or the keyword arguments of ``torch.compile``, e.g. ``{"mode": "max-autotune"}``).
+            In-place (``nn.Module.compile``), so parameter names and checkpoints do not change.
+        channels_last: keep the image tower's convolution weights and its input images in the
+            channels-last memory layout (faster convolutions on GPUs with tensor cores; CNN towers).
+        fused_optimizer: build the optimizer with ``fused=True`` (one kernel per step for all parameters)
+            when its class takes that argument (Adam, AdamW, SGD, ...). ``None`` (default): on when the
+            trainable parameters are on a GPU.
     """
 
     def __init__(
@@ -94,6 +102,9 @@ class DualEncoderModule(LightningModule):
         nonfinite_loss: Literal["raise", "skip"] = "raise",
         cache_locked_image_features: bool = True,
         grad_cache_chunk_size: int | None = None,
+        compile_towers: bool | dict[str, Any] = False,
+        channels_last: bool = False,
+        fused_optimizer: bool | None = None,
     ) -> None:
         super().__init__()
         if grad_cache_chunk_size is not None and grad_cache_chunk_size < 1:
@@ -101,6 +112,10 @@ class DualEncoderModule(LightningModule):
         self.grad_cache_chunk_size = grad_cache_chunk_size
         # Open while a GradCache step runs outside DDP's reducer: (its no_sync context, sync at the end?).
         self._grad_cache_sync: tuple[contextlib.ExitStack, bool] | None = None
+        self.compile_towers = compile_towers
+        self.channels_last = channels_last
+        self.fused_optimizer = fused_optimizer
+        self._towers_compiled = False
         # No save_hyperparameters(): the towers and the strategy are modules, so the run's YAML (saved
         # next to the logs by the CLI) is the record of how to rebuild the model, not the checkpoint.
         # None, not AdamW, as the default: jsonargparse would otherwise carry AdamW's defaults (eps,
@@ -118,6 +133,10 @@ class DualEncoderModule(LightningModule):
         self.configure_losses(loss)
         self.configure_temperature()
         self.configure_metrics(tuple(retrieval_top_k), eval_chunk_size)
+        if channels_last:
+            # Module.to(memory_format=...) converts the 4-d (convolution) weights; moving the model to a
+            # device later preserves the layout.
+            self.image_tower.to(memory_format=torch.channels_last)
 
     # -- configure hooks ---------------------------------------------------------------------------
     def configure_towers(self, image_tower: ImageTower, text_tower: TextTower) -> None:
@@ -177,6 +196,7 @@ class DualEncoderModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         """Hand the towers' preprocessing to the data module before its dataloaders are built."""
+        self.compile_towers_now()
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "attach_preprocessing"):
             datamodule.attach_preprocessing(self.preprocessing)
@@ -184,9 +204,24 @@ class DualEncoderModule(LightningModule):
             # Class prompts drop the words a learned text context plays (APEX: "a photo").
             datamodule.set_prompt_prefix(text_prompt_prefix(self.strategy))
 
+    def compile_towers_now(self) -> None:
+        """Compile the towers if ``compile_towers`` asks for it (once; called by ``setup``).
+
+        Runs in each process of a run (after DDP workers start), so that no compiled function has to be
+        pickled; a bare training loop calls it itself.
+        """
+        if not self.compile_towers or self._towers_compiled:
+            return
+        options = {} if self.compile_towers is True else dict(self.compile_towers)
+        self.image_tower.compile(**options)
+        self.text_tower.compile(**options)
+        self._towers_compiled = True
+
     # -- encoding ----------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings [B, D]."""
+        if self.channels_last and pixel_values.ndim == 4:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         return F.normalize(self.image_tower(pixel_values), dim=-1)
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -371,6 +406,11 @@ class DualEncoderModule(LightningModule):
         groups = self.strategy.parameter_groups(self)
         groups = [{k: v for k, v in group.items() if k != "param_names"} for group in groups]
         optimizer = self.optimizer_factory(groups)
+        fused = self.fused_optimizer
+        if fused is None:
+            fused = any(p.is_cuda for group in groups for p in group["params"])
+        if fused:
+            optimizer = fused_variant(optimizer)
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = self.lr_schedule.build(optimizer, total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
