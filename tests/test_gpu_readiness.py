@@ -155,6 +155,7 @@ def test_bf16_mixed_fit_with_grad_cache_and_validation():
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert metrics["val/rsum"] >= 0
     # bf16 embeddings still reach the loss as float32 (the loss disables autocast and upcasts).
+    model = DualEncoderModule(tiny_vit(), tiny_bert(), FullFineTune(), grad_cache_chunk_size=3)  # no trainer
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model.training_step(make_batch(model), 0)
     assert loss.dtype == torch.float32
