@@ -20,6 +20,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from pefttune.data.cache import SharedIdSet, SkipsCachedImages
 from pefttune.data.preprocessing import Preprocessing
 from pefttune.evaluation import ZeroShotEvaluation, ZeroShotMetric, text_prompt_prefix
 from pefttune.gradcache import (
@@ -45,13 +46,19 @@ class NonFiniteLossError(RuntimeError):
 
 
 class _ForgetCachedFeatures:
-    """``load_state_dict`` post-hook that empties the locked image features cache (picklable)."""
+    """``load_state_dict`` post-hook that empties the locked image features cache (picklable).
 
-    def __init__(self, cache: dict[int, torch.Tensor]) -> None:
+    It also empties the id sets through which the training loader skips the cached images.
+    """
+
+    def __init__(self, cache: dict[int, torch.Tensor], skipped: list[SharedIdSet] | None = None) -> None:
         self.cache = cache
+        self.skipped = skipped if skipped is not None else []
 
     def __call__(self, _module: nn.Module, _incompatible_keys: Any) -> None:
         self.cache.clear()
+        for ids in self.skipped:
+            ids.clear()
 
 
 class DualEncoderModule(LightningModule):
@@ -126,9 +133,12 @@ class DualEncoderModule(LightningModule):
         self.cache_locked_image_features = cache_locked_image_features
         self.skipped_steps = 0
         self._image_feature_cache: dict[int, torch.Tensor] = {}
+        # Shared with the training dataset's workers: ids whose images need not be loaded (features cached).
+        self._skipped_image_ids: list[SharedIdSet] = []
         self.configure_towers(image_tower, text_tower)
         # New image-tower weights make cached features stale (also when a parent module loads them).
-        self.image_tower.register_load_state_dict_post_hook(_ForgetCachedFeatures(self._image_feature_cache))
+        self._forget_features = _ForgetCachedFeatures(self._image_feature_cache, self._skipped_image_ids)
+        self.image_tower.register_load_state_dict_post_hook(self._forget_features)
         self.configure_strategy(strategy or FullFineTune())
         self.configure_losses(loss)
         self.configure_temperature()
@@ -241,9 +251,18 @@ class DualEncoderModule(LightningModule):
         missing = [i for i, image_id in enumerate(ids) if image_id not in self._image_feature_cache]
         if missing:
             index = torch.tensor(missing, device=batch["pixel_values"].device)
-            fresh = self.encode_images(batch["pixel_values"].index_select(0, index))
+            pixels = batch["pixel_values"].index_select(0, index)
+            if self._skipped_image_ids and torch.isnan(pixels).any():
+                raise RuntimeError(
+                    "the training loader skipped an image whose cached features are gone (the image tower's "
+                    "weights were reloaded during the epoch?); image ids "
+                    f"{[ids[i] for i in missing]}; set cache_locked_image_features=False to avoid skipping"
+                )
+            fresh = self.encode_images(pixels)
             for row, i in enumerate(missing):
                 self._image_feature_cache[ids[i]] = fresh[row].detach()
+            for skipped in self._skipped_image_ids:
+                skipped.add([ids[i] for i in missing])
         return torch.stack([self._image_feature_cache[image_id] for image_id in ids])
 
     def _can_cache_image_features(self) -> bool:
@@ -262,7 +281,8 @@ class DualEncoderModule(LightningModule):
     def on_fit_start(self) -> None:
         """Restore frozen BatchNorm statistics, then give the strategy its chance to look at the data."""
         # Image ids are per data set: features cached by an earlier fit may belong to other images.
-        self._image_feature_cache.clear()
+        self._forget_features(self.image_tower, None)
+        self._skipped_image_ids.clear()
         # With trainer.sync_batchnorm, Lightning's DDP/FSDP setup (which runs before this hook) has replaced
         # every BatchNorm with a new SyncBatchNorm, dropping the hooks that keep a frozen backbone on its
         # running statistics: without this they would silently train. Before the strategy's own hook, which
@@ -271,6 +291,14 @@ class DualEncoderModule(LightningModule):
         if restored:
             log.info("re-froze the running statistics of %d replaced BatchNorm layers", restored)
         self.strategy.on_fit_start(self, self.trainer)
+
+    def on_train_start(self) -> None:
+        """Let the training loader skip images whose locked-tower features are cached (from epoch 2 on)."""
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if self._can_cache_image_features() and isinstance(dataset, SkipsCachedImages):
+            ids = SharedIdSet(dataset.num_images)
+            dataset.skip_images = ids
+            self._skipped_image_ids.append(ids)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         """One contrastive step over the (global) batch."""

@@ -189,3 +189,109 @@ def test_data_module_option_gives_the_same_batches(tmp_path):
         for a, b in zip(plain_train + plain_val, cached_train + cached_val, strict=True):
             assert torch.equal(a["pixel_values"], b["pixel_values"])
     assert len(list((tmp_path / "cache").iterdir())) == 2  # one cache for each transform's image set
+
+
+def _lit_fit(monkeypatch, skip: bool, epochs: int = 3):
+    import lightning as L
+
+    from pefttune.data.datasets import PairDataset
+    from pefttune.module import DualEncoderModule
+    from pefttune.strategies import LiT
+    from pefttune.testing import tiny_bert
+
+    loads = []
+    original = PairDataset._image
+    monkeypatch.setattr(PairDataset, "_image", lambda self, record: loads.append(1) or original(self, record))
+    if not skip:
+        monkeypatch.setattr(DualEncoderModule, "on_train_start", lambda self: None)
+    torch.manual_seed(0)
+    model = DualEncoderModule(tiny_vit(embed_dim=None), tiny_bert(embed_dim=64), LiT())
+    data = ImageTextDataModule(synthetic_train=16, synthetic_image_size=32, batch_size=8, val_split=None)
+    per_epoch = []
+
+    class Count(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            per_epoch.append(len(loads) - sum(per_epoch))
+
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Count()],
+    )
+    trainer.fit(model, datamodule=data)
+    return model, per_epoch
+
+
+def test_lit_loads_no_training_image_after_its_features_are_cached(monkeypatch):
+    skipping, loads = _lit_fit(monkeypatch, skip=True)
+    monkeypatch.undo()
+    loading, plain_loads = _lit_fit(monkeypatch, skip=False)
+    # 16 images x 5 captions = 80 pairs a epoch: without skipping every pair loads its image each epoch;
+    # with it, in the first epoch, only pairs whose image was not encoded by an earlier batch (pairs of one
+    # image in the same batch both load), and nothing after.
+    assert plain_loads == [80, 80, 80]
+    assert 16 <= loads[0] < 40 and loads[1:] == [0, 0]
+    for (name, a), (_, b) in zip(skipping.named_parameters(), loading.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_skipped_image_without_its_features_is_an_error():
+    from pefttune.data.cache import SharedIdSet
+    from pefttune.module import DualEncoderModule
+    from pefttune.strategies import LiT
+    from pefttune.testing import tiny_bert
+
+    model = DualEncoderModule(tiny_vit(embed_dim=None), tiny_bert(embed_dim=64), LiT())
+    ids = SharedIdSet(4)
+    ids.add([1])
+    model._skipped_image_ids.append(ids)
+    pixels = torch.zeros(2, 3, 32, 32)
+    pixels[1] = float("nan")  # what the dataset yields for a skipped image
+    with pytest.raises(RuntimeError, match="skipped an image whose cached features are gone"):
+        model._training_image_embeddings({"pixel_values": pixels, "image_ids": torch.tensor([0, 1])})
+    # Reloading the image tower's weights forgets the features and the skip set together.
+    model._training_image_embeddings(
+        {"pixel_values": torch.zeros(1, 3, 32, 32), "image_ids": torch.tensor([2])}
+    )
+    assert 2 in ids and len(model._image_feature_cache) == 1
+    model.load_state_dict(model.state_dict())
+    assert len(ids) == 0 and not model._image_feature_cache
+
+
+def test_loader_workers_see_the_cached_ids():
+    import lightning as L
+
+    from pefttune.module import DualEncoderModule
+    from pefttune.strategies import LiT
+    from pefttune.testing import tiny_bert
+
+    skipped_rows = []
+
+    class Count(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            rows = torch.isnan(batch["pixel_values"]).flatten(1).all(dim=1)
+            skipped_rows.append((trainer.current_epoch, int(rows.sum())))
+
+    torch.manual_seed(0)
+    model = DualEncoderModule(tiny_vit(embed_dim=None), tiny_bert(embed_dim=64), LiT())
+    data = ImageTextDataModule(
+        synthetic_train=8, synthetic_image_size=32, batch_size=8, val_split=None, num_workers=2
+    )
+    L.seed_everything(0)
+    L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Count()],
+    ).fit(model, datamodule=data)
+    # Second epoch, persistent workers: every row is a skipped image (its features were cached in epoch 1).
+    second = [count for epoch, count in skipped_rows if epoch == 1]
+    assert second and all(count == 8 for count in second)

@@ -53,7 +53,15 @@ from pefttune.data.preprocessing import ImageTransform
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CacheStats", "CachedImageSource", "DecodedImageCache", "image_identity", "split_transform"]
+__all__ = [
+    "CacheStats",
+    "CachedImageSource",
+    "DecodedImageCache",
+    "SharedIdSet",
+    "SkipsCachedImages",
+    "image_identity",
+    "split_transform",
+]
 
 # Steps whose output depends on the input image alone (no random draw), in the order they may appear.
 _TO_TENSOR = (T.ToImage, T.PILToTensor)
@@ -258,3 +266,54 @@ class DecodedImageCache:
         flags[slot] = 1  # after the pixels: a set flag always means a complete slot
         self.stats.misses += 1
         return self.rest(prefixed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Skipping images whose features are cached
+
+
+class SharedIdSet:
+    """A set of ids in ``[0, size)`` held in shared memory, so DataLoader workers see additions at once.
+
+    The model adds the ids of images whose (locked tower's) features it has cached; the training dataset's
+    workers read it to skip loading those images. Works with forked and spawned workers (a shared-memory
+    tensor travels by handle), like :class:`~pefttune.data.datasets.PairDataset`'s epoch counter.
+
+    Args:
+        size: One more than the largest id (the number of images of a map-style dataset).
+    """
+
+    def __init__(self, size: int) -> None:
+        self._flags = torch.zeros(max(int(size), 1), dtype=torch.uint8).share_memory_()
+
+    def __contains__(self, index: object) -> bool:
+        return isinstance(index, int) and 0 <= index < len(self._flags) and bool(self._flags[index])
+
+    def __len__(self) -> int:
+        return int(self._flags.sum())
+
+    def add(self, ids: Sequence[int]) -> None:
+        """Add ids (those outside ``[0, size)`` are ignored: they cannot be skipped)."""
+        for index in ids:
+            if 0 <= index < len(self._flags):
+                self._flags[index] = 1
+
+    def clear(self) -> None:
+        """Remove every id (the features they stood for are gone)."""
+        self._flags.zero_()
+
+
+@runtime_checkable
+class SkipsCachedImages(Protocol):
+    """A training dataset that can leave out the images of given ids (see :class:`SharedIdSet`).
+
+    A skipped image's ``image`` is a tensor of the transform's output shape filled with NaN, so that a
+    skipped image reaching a tower by mistake cannot pass for data (the model checks and raises).
+    """
+
+    skip_images: SharedIdSet | None
+
+    @property
+    def num_images(self) -> int:
+        """One more than the largest image id the dataset yields."""
+        ...

@@ -40,7 +40,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from pefttune.data.cache import CachedImageSource
+from pefttune.data.cache import CachedImageSource, SharedIdSet
 from pefttune.data.formats import TarMemberImage, expand_shards, iter_tar_samples, sample_to_record
 from pefttune.data.preprocessing import ImageTransform, Tokenize
 from pefttune.data.records import (
@@ -322,6 +322,24 @@ class PairDataset(_RecordDataset):
         self._length = full if max_items is None else max(0, min(full, max_items))
         # Shared memory, so that persistent DataLoader workers see the epoch set in the main process.
         self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+        # Set by a model that caches a locked tower's image features (SkipsCachedImages protocol).
+        self.skip_images: SharedIdSet | None = None
+        self._skipped_image: torch.Tensor | None = None
+
+    @property
+    def num_images(self) -> int:
+        """One more than the largest image id (ids are record positions)."""
+        return len(self.index.records)
+
+    def _image_unless_skipped(self, record_index: int, record: ImageCaptionRecord) -> Any:
+        if self.skip_images is None or self.transform is None or record_index not in self.skip_images:
+            return self._image(record)
+        if self._skipped_image is None:
+            # The (deterministic) transform's output shape, from a blank image; NaN, so that it cannot pass
+            # for an image if it ever reached a tower.
+            shape = self.transform(Image.new("RGB", (8, 8))).shape
+            self._skipped_image = torch.full(tuple(shape), float("nan"))
+        return self._skipped_image
 
     @property
     def epoch(self) -> int:
@@ -347,7 +365,7 @@ class PairDataset(_RecordDataset):
             position = int(np.random.default_rng([self.seed, self.epoch, index]).integers(count))
         record = self.index.records[record_index]
         return {
-            "image": self._image(record),
+            "image": self._image_unless_skipped(record_index, record),
             "caption": record.captions[position],
             "image_id": record_index,
             "caption_id": int(self.index.caption_offsets[record_index]) + position,
