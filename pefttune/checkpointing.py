@@ -32,12 +32,11 @@ class AdapterMismatchError(ValueError):
 
 
 def strategy_description(strategy: AdaptationStrategy) -> dict[str, Any]:
-    """The strategy's import path and, when it records them (``strategy.init_args``), its arguments."""
+    """The strategy's import path and its :meth:`~AdaptationStrategy.checkpoint_arguments`."""
     cls = type(strategy)
-    init_args = getattr(strategy, "init_args", None)
     return {
         "class_path": f"{cls.__module__}.{cls.__qualname__}",
-        "init_args": _plain(dict(init_args)) if isinstance(init_args, dict) else None,
+        "init_args": _plain(strategy.checkpoint_arguments()),
     }
 
 
@@ -122,7 +121,7 @@ def _check_strategy(path: object, saved: dict[str, Any], current: dict[str, Any]
 
 def _refuse_merged(module: DualEncoderModule, action: str) -> None:
     # A merged model's backbone weights already contain the update; loading or saving then mixes states.
-    if getattr(module.strategy, "merged", False):
+    if module.strategy.merged:
         raise RuntimeError(f"unmerge the strategy's weights before you {action} an adapter checkpoint")
 
 

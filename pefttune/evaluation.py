@@ -58,7 +58,7 @@ def text_prompt_prefix(strategy: AdaptationStrategy) -> str:
     (APEX: ``"a photo"``) exposes them as ``text_prompt_prefix``; class-prompt templates are then used
     without them.
     """
-    return str(getattr(strategy, "text_prompt_prefix", "") or "")
+    return str(strategy.text_prompt_prefix or "")
 
 
 def metric_name(stage: str, group: str) -> str:

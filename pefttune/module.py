@@ -21,6 +21,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from pefttune.data.cache import SharedIdSet, SkipsCachedImages
+from pefttune.data.contracts import ClassificationData, RetrievalData
 from pefttune.data.preprocessing import Preprocessing
 from pefttune.evaluation import ZeroShotEvaluation, ZeroShotMetric, text_prompt_prefix
 from pefttune.gradcache import (
@@ -34,7 +35,7 @@ from pefttune.layers.frozen_batchnorm import refreeze_batchnorm_statistics
 from pefttune.losses import ContrastiveLoss
 from pefttune.metrics import RetrievalMetrics
 from pefttune.optim import Constant, WarmupCosine, fused_variant
-from pefttune.strategies.base import PARAMETER_GROUPS, AdaptationStrategy
+from pefttune.strategies.base import PARAMETER_GROUPS, AdaptationStrategy, TextKind, TrainingTexts
 from pefttune.strategies.full import FullFineTune
 from pefttune.towers.base import ImageTower, TextTower
 
@@ -59,6 +60,31 @@ class _ForgetCachedFeatures:
         self.cache.clear()
         for ids in self.skipped:
             ids.clear()
+
+
+def training_texts(datamodule: object) -> TrainingTexts:
+    """Every text the data module trains on, for a strategy that asks for them (APEX's text bank).
+
+    The data module's ``training_texts()``; for data modules without it, the captions of its training
+    records. Class prompts when the data module serves zero-shot classification (``evaluation_groups``),
+    else captions. Empty without a data module or when the training split streams from shards (logged).
+    """
+    if datamodule is None:
+        return TrainingTexts()
+    # The one place that probes the data module: the declared data-module Protocols
+    # (pefttune.data.contracts: RetrievalData.training_texts, ClassificationData) replace these probes.
+    getter = getattr(datamodule, "training_texts", None)
+    records = getattr(datamodule, "records", None)
+    classification = callable(getattr(datamodule, "evaluation_groups", None))
+    kind: TextKind = "class_prompts" if classification else "captions"
+    try:
+        if callable(getter):
+            return TrainingTexts(tuple(getter()), kind)
+        if callable(records):
+            return TrainingTexts(tuple(c for record in records("train") for c in record.captions), kind)
+    except RuntimeError as error:
+        log.warning("cannot list the training texts (%s)", error)
+    return TrainingTexts(kind=kind)
 
 
 class DualEncoderModule(LightningModule):
@@ -167,23 +193,49 @@ class DualEncoderModule(LightningModule):
     def configure_strategy(self, strategy: AdaptationStrategy) -> None:
         """Let the strategy adapt the towers (once)."""
         self.strategy = strategy
-        strategy.apply(self.image_tower, self.text_tower)
+        strategy.attach(self.image_tower, self.text_tower)
 
     def configure_temperature(self) -> None:
         """Create the logit scale (stored as its log, like CLIP) following the strategy's policy."""
         policy = self.strategy.temperature
         pretrained = self.image_tower.pretrained_logit_scale or self.text_tower.pretrained_logit_scale
-        # A loss with its own recommended start (SigLIP: 10) wins over a checkpoint's CLIP scale.
-        loss_scale = getattr(self.loss, "init_scale", None)
+        # A loss with its own recommended start (SigLIP: 10) wins over a checkpoint's CLIP scale, unless the
+        # checkpoint was trained with that loss (SigLIP towers): then its scale is the one to start from.
+        loss_scale = None if self._loss_matches_towers() else self.loss.init_scale
         scale = policy.initial_scale(loss_scale if loss_scale is not None else pretrained)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(scale)), requires_grad=policy.learnable)
 
     def configure_losses(self, loss: ContrastiveLoss | None) -> None:
-        """The loss (the strategy's default if none is given) and, for SigLIP, a learnable bias."""
+        """The loss and, for SigLIP, a learnable bias.
+
+        Without a configured loss: the towers' preferred loss (the one their checkpoint was trained with,
+        SigLIP's sigmoid loss; see :meth:`Tower.preferred_loss`), else the strategy's default. The bias
+        starts from the checkpoint's bias when the loss is the one the towers were trained with.
+        """
+        if loss is None:
+            loss = self.image_tower.preferred_loss() or self.text_tower.preferred_loss()
+            if loss is not None:
+                log.info("training with %s, the loss the towers were trained with", type(loss).__name__)
         self.loss = loss if loss is not None else self.strategy.default_loss()
         self.logit_bias: nn.Parameter | None = None
-        if getattr(self.loss, "needs_bias", False):
-            self.logit_bias = nn.Parameter(torch.tensor(float(self.loss.init_bias)))
+        if self.loss.needs_bias:
+            bias = self._pretrained_logit_bias() if self._loss_matches_towers() else None
+            # The bias belongs with the scale (group "temperature"): it trains exactly when the scale does.
+            self.logit_bias = nn.Parameter(
+                torch.tensor(float(self.loss.init_bias if bias is None else bias)),
+                requires_grad=self.strategy.temperature.learnable,
+            )
+
+    def _loss_matches_towers(self) -> bool:
+        """Whether the loss is the one a tower's checkpoint was trained with (its scale and bias apply)."""
+        return any(
+            preferred is not None and type(preferred) is type(self.loss)
+            for preferred in (self.image_tower.preferred_loss(), self.text_tower.preferred_loss())
+        )
+
+    def _pretrained_logit_bias(self) -> float | None:
+        image, text = self.image_tower.pretrained_logit_bias, self.text_tower.pretrained_logit_bias
+        return image if image is not None else text
 
     def configure_metrics(self, top_k: tuple[int, ...], chunk_size: int) -> None:
         """Retrieval and zero-shot classification metrics for validation and test."""
@@ -208,9 +260,9 @@ class DualEncoderModule(LightningModule):
         """Hand the towers' preprocessing to the data module before its dataloaders are built."""
         self.compile_towers_now()
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "attach_preprocessing"):
+        if isinstance(datamodule, RetrievalData):
             datamodule.attach_preprocessing(self.preprocessing)
-        if datamodule is not None and hasattr(datamodule, "set_prompt_prefix"):
+        if isinstance(datamodule, ClassificationData):
             # Class prompts drop the words a learned text context plays (APEX: "a photo").
             datamodule.set_prompt_prefix(text_prompt_prefix(self.strategy))
 
@@ -290,7 +342,9 @@ class DualEncoderModule(LightningModule):
         restored = refreeze_batchnorm_statistics(self)
         if restored:
             log.info("re-froze the running statistics of %d replaced BatchNorm layers", restored)
-        self.strategy.on_fit_start(self, self.trainer)
+        wanted = self.strategy.uses_training_texts
+        texts = training_texts(self.trainer.datamodule) if wanted else TrainingTexts()
+        self.strategy.on_fit_start(self, texts)
 
     def on_train_start(self) -> None:
         """Let the training loader skip images whose locked-tower features are cached (from epoch 2 on)."""
@@ -452,8 +506,7 @@ class DualEncoderModule(LightningModule):
 
     def _evaluation_texts(self, stage: str) -> list[str]:
         datamodule = getattr(self.trainer, "datamodule", None)
-        getter = getattr(datamodule, "evaluation_texts", None)
-        return list(getter(stage)) if getter is not None else []
+        return list(datamodule.evaluation_texts(stage)) if isinstance(datamodule, RetrievalData) else []
 
     def _start_evaluation(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -23,6 +23,9 @@ PAPER_TRAINABLE = {
     "cma_clip_vitb32.yaml": {"trainable_params": 519_168, "method": 519_168},
     "lora_clip_vitb16.yaml": {"trainable_params": 184_320, "method": 184_320},
     "duet_vitb16_bert.yaml": {"method": 113_375_256},
+    "apex_openclip_vitb16.yaml": {"trainable_params": 282_112, "method": 282_112},
+    "cma_openclip_vitb32.yaml": {"trainable_params": 519_168, "method": 519_168},
+    "lora_openclip_vitb16.yaml": {"trainable_params": 184_320, "method": 184_320},
 }
 
 TINY = [
@@ -34,9 +37,9 @@ TINY = [
     "--trainer.enable_progress_bar=false",
     "--trainer.logger=false",
     "--data.init_args.batch_size=4",
-    "--data.init_args.synthetic_train=8",
-    "--data.init_args.synthetic_val=4",
-    "--data.init_args.synthetic_test=4",
+    "--data.init_args.source.init_args.num_train=8",
+    "--data.init_args.source.init_args.num_val=4",
+    "--data.init_args.source.init_args.num_test=4",
 ]
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_gradcache import gradients, make_batch, step_gradients, without_dropout
 
-from pefttune.data import ImageTextDataModule
+from pefttune.data import ImageTextDataModule, Synthetic
 from pefttune.module import DualEncoderModule
 from pefttune.optim import fused_variant
 from pefttune.strategies import FullFineTune
@@ -38,12 +38,7 @@ def _trainer(**options):
 
 def _data(**options):
     return ImageTextDataModule(
-        synthetic_train=16,
-        synthetic_val=8,
-        synthetic_test=4,
-        synthetic_image_size=32,
-        batch_size=8,
-        **options,
+        source=Synthetic(num_train=16, num_val=8, num_test=4, image_size=32), batch_size=8, **options
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pefttune.data import ImageTextDataModule
+from pefttune.data import ImageTextDataModule, Synthetic
 from pefttune.gradcache import cached_embeddings, split_batch
 from pefttune.losses import InfoNCELoss, MultiPositiveInfoNCELoss, SigLIPLoss
 from pefttune.module import DualEncoderModule
@@ -225,7 +225,7 @@ def _fit(chunk, optimizer=None, **trainer_options):
     model = make_model("infonce", optimizer=optimizer)
     model.grad_cache_chunk_size = chunk
     data = ImageTextDataModule(
-        synthetic_train=16, synthetic_val=4, synthetic_test=4, synthetic_image_size=32, batch_size=8
+        source=Synthetic(num_train=16, num_val=4, num_test=4, image_size=32), batch_size=8
     )
     L.seed_everything(0)
     trainer = L.Trainer(

@@ -21,14 +21,14 @@ from pefttune.cli import main
 from pefttune.data.classification import (
     ClassificationDataModule,
     class_prompts,
-    read_image_folder,
     sample_shots,
     split_base_new,
     strip_prompt_prefix,
 )
 from pefttune.data.datasets import load_image
 from pefttune.data.preprocessing import Preprocessing
-from pefttune.data.records import DataFormatError
+from pefttune.data.records import DataFormatError, ErrorPolicy
+from pefttune.data.sources import ImageFolder
 from pefttune.evaluation import ZeroShotMetric
 from pefttune.metrics.zeroshot import ZeroShotAccuracy, harmonic_mean
 from pefttune.module import DualEncoderModule
@@ -83,12 +83,15 @@ def test_image_folder_reader_and_data_module(tmp_path):
     (tmp_path / "train" / "notes.txt").write_text("not a class")
     (tmp_path / "train" / "cat" / "readme.md").write_text("not an image")
 
-    records = read_image_folder(str(tmp_path / "train"))
+    records = ImageFolder(str(tmp_path / "train")).records("train", ErrorPolicy())
     assert [r.label for r in records] == ["cat"] * 3 + ["dog"] * 3 + ["owl"] * 3
     assert records[0].image_id == "cat/0.png" and records[0].split == "train"
 
     dm = ClassificationDataModule(
-        source=str(tmp_path / "train"), test_source=str(tmp_path / "test"), val_split=None, batch_size=3
+        source=ImageFolder(str(tmp_path / "train")),
+        test_source=ImageFolder(str(tmp_path / "test")),
+        val_split=None,
+        batch_size=3,
     )
     dm.attach_preprocessing(PREPROCESSING)
     dm.setup("fit")

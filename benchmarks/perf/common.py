@@ -13,7 +13,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ("full", "lit", "duet", "cma", "lora", "apex")
+
+
+def method_names() -> list[str]:
+    """Every registered built-in method (:mod:`pefttune.strategies.registry`), in registration order."""
+    from pefttune.strategies.registry import methods
+
+    return [spec.name for spec in methods()]
+
+
+def method_config(name: str) -> str:
+    """A registered method's offline config, relative to the repository root."""
+    from pefttune.strategies.registry import get_method
+
+    return get_method(name).config
 
 
 def build_model(config: str, image_size: int | None = None, tiny: bool = False):

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, machine_line, make_optimizer, median
+from common import REPO, machine_line, make_optimizer, median, method_config
 
 
 def generated_dataset(folder: Path, count: int) -> dict:
@@ -46,7 +46,7 @@ def generated_dataset(folder: Path, count: int) -> dict:
         sentences = [{"raw": f"texture {i % 7} variant {j}"} for j in range(5)]
         images.append({"filename": f"{i}.jpg", "split": split, "sentences": sentences})
     (folder / "captions.json").write_text(json.dumps({"images": images}), encoding="utf-8")
-    return {"source": str(folder / "captions.json"), "image_root": str(folder / "images")}
+    return {"path": str(folder / "captions.json"), "image_root": str(folder / "images")}
 
 
 class Side:
@@ -56,7 +56,7 @@ class Side:
         import torch
 
         from pefttune.cli import build_model_from_config
-        from pefttune.data import ImageTextDataModule
+        from pefttune.data import ImageTextDataModule, Karpathy
         from pefttune.testing import tiny_tower_config
 
         torch.manual_seed(0)
@@ -65,18 +65,17 @@ class Side:
             overrides += [f"--model.init_args.{k}={json.dumps(v)}" for k, v in tiny_tower_config().items()]
         else:
             overrides.append(f"--model.init_args.image_tower.init_args.image_size={args.image_size}")
-        self.model = build_model_from_config(str(REPO / f"configs/{args.method}.yaml"), overrides)
+        self.model = build_model_from_config(str(REPO / method_config(args.method)), overrides)
         self.model.train()
         self.optimizer = make_optimizer(self.model)
         self.data = ImageTextDataModule(
-            format="karpathy",
+            source=Karpathy(**data_options),
             batch_size=args.batch_size,
             captions_per_image="sample",
             test_split=None,
             num_workers=args.workers,
             seed=0,
             image_cache_dir=cache_dir,
-            **data_options,
         )
         self.data.attach_preprocessing(self.model.preprocessing)
         self.data.setup("fit")
@@ -140,10 +139,10 @@ def main() -> None:
             what = "64 generated 160 px JPEGs, tiny towers"
         else:
             root = Path(args.data_root)
-            data_options = {"source": str(root / "captions.json"), "image_root": str(root / "images")}
+            data_options = {"path": str(root / "captions.json"), "image_root": str(root / "images")}
             what = f"UCM-Captions training split ({root}), {args.image_size} px"
         print(
-            f"{args.method} (configs/{args.method}.yaml) on {what}, batch {args.batch_size}, "
+            f"{args.method} ({method_config(args.method)}) on {what}, batch {args.batch_size}, "
             f"{args.epochs} epochs, {args.workers} loader workers"
         )
         plain = Side(args, data_options, cache_dir=None)

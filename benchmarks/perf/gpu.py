@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from common import METHODS, REPO, machine_line
+from common import REPO, machine_line, method_config, method_names
 
 CLIP = "openai/clip-vit-base-patch16"
 
@@ -99,7 +99,7 @@ def run_method(args: argparse.Namespace) -> dict:
     if args.grad_cache:
         overrides.append(f"--model.init_args.grad_cache_chunk_size={args.grad_cache}")
     with architecture_only():
-        model = build_model_from_config(str(REPO / f"configs/{args.worker}.yaml"), overrides)
+        model = build_model_from_config(str(REPO / method_config(args.worker)), overrides)
     vocab = int(model.text_tower.model.config.vocab_size)
     marks: list[float] = []
     device = _Device(args.cpu_check)
@@ -180,7 +180,7 @@ def run_bare(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default=",".join((*METHODS, "bare")))
+    parser.add_argument("--methods", default=",".join((*method_names(), "bare")))
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")

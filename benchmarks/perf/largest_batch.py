@@ -32,7 +32,15 @@ import json
 import subprocess
 import sys
 
-from common import METHODS, REPO, current_rss_mb, machine_line, make_optimizer, peak_rss_mb
+from common import (
+    REPO,
+    current_rss_mb,
+    machine_line,
+    make_optimizer,
+    method_config,
+    method_names,
+    peak_rss_mb,
+)
 
 VARIANTS = ("plain", "gradcache", "ckpt", "gradcache+ckpt")
 
@@ -52,7 +60,7 @@ def _model(args: argparse.Namespace, checkpointing: bool):
         overrides.append(f"--model.init_args.image_tower.init_args.image_size={args.image_size}")
     if checkpointing:
         overrides += args.ckpt_override
-    return build_model_from_config(str(REPO / f"configs/{args.worker}.yaml"), overrides)
+    return build_model_from_config(str(REPO / method_config(args.worker)), overrides)
 
 
 def _batch(model, size: int, device):
@@ -176,7 +184,7 @@ def largest_batch(args: argparse.Namespace, method: str, variant: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(method_names()))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--budget-mb", type=float, default=2000.0, help="memory a training step may use")
     parser.add_argument("--chunk", type=int, default=16, help="GradCache chunk size")

@@ -1,8 +1,8 @@
 """Peak training memory and step time of every method against full fine-tuning (perf item 4).
 
-Each method's shipped config (``configs/<method>.yaml``: the offline default towers, real weights) is
-built at one image size and trained on the same fixed batches of the generated scenes with the same batch
-size, each method with its own optimizer. Every method runs in a fresh Python process (this script
+Each registered method's offline config (``pefttune.strategies.registry``: the offline default towers, real
+weights) is built at one image size and trained on the same fixed batches of the generated scenes with the
+same batch size, each method with its own optimizer. Every method runs in a fresh Python process (this script
 re-invoked with ``--worker``), so one method's memory cannot leak into another's reading. Inside it:
 
 * the model is built (its modules in the train/eval modes its strategy set, as Lightning leaves them)
@@ -27,12 +27,13 @@ import sys
 import time
 
 from common import (
-    METHODS,
     build_model,
     current_rss_mb,
     machine_line,
     make_optimizer,
     median,
+    method_config,
+    method_names,
     peak_rss_mb,
     training_batches,
 )
@@ -44,7 +45,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(f"configs/{args.worker}.yaml", args.image_size)
+    model = build_model(method_config(args.worker), args.image_size)
     batches = training_batches(model, args.batch_size, count=2, seed=0)
     optimizer = make_optimizer(model)
     baseline = current_rss_mb()
@@ -78,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(method_names()), help="registered method names")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6, help="timed steps (median reported)")
@@ -98,8 +99,11 @@ def main() -> None:
         f"image size {args.image_size}, batch {args.batch_size}, "
         f"median of {args.steps} steps after {args.warmup} untimed"
     )
+    methods = args.methods.split(",")
+    for method in methods:
+        method_config(method)  # an unknown name fails here, listing the registered methods
     rows = []
-    for method in args.methods.split(","):
+    for method in methods:
         command = [
             sys.executable,
             __file__,

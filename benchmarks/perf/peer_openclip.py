@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, machine_line
+from common import REPO, machine_line, method_config
 
 MODEL_NAME = "pefttune-peer"
 # Hyper-parameters of configs/<method>.yaml's optimizer, for open_clip's flags.
@@ -138,10 +138,10 @@ def open_clip_argv(args: argparse.Namespace, csv_path: Path, logs: Path) -> list
 def pefttune_argv(args: argparse.Namespace, csv_path: Path, root: Path) -> list[str]:
     return [
         "fit",
-        f"--config={REPO / f'configs/{args.method}.yaml'}",
+        f"--config={REPO / method_config(args.method)}",
         "--data.class_path=pefttune.data.ImageTextDataModule",
-        f"--data.init_args.source={csv_path}",
-        "--data.init_args.format=csv",
+        "--data.init_args.source="
+        + json.dumps({"class_path": "pefttune.data.Table", "init_args": {"path": str(csv_path)}}),
         "--data.init_args.val_split=null",
         "--data.init_args.test_split=null",
         f"--data.init_args.batch_size={args.batch_size}",

@@ -21,6 +21,20 @@ A suite is a YAML file::
         overrides:
           data.init_args.batch_size: 32
 
+``methods`` names registered methods (:mod:`pefttune.strategies.registry`) or others: an entry of a
+registered method may leave out ``config`` (its offline config is used); a list of names is short for entries
+without overrides. The entry ``builtin`` (or ``methods: builtin`` alone) stands for every registered method
+with its offline config, so a newly registered method joins every such suite; other entries add variants
+or replace a registered method's entry::
+
+Methods:
+      builtin:                           # full, lit, duet, cma, lora, apex, ...
+      apex_no_ensemble:
+        config: configs/apex.yaml
+        overrides: {model.init_args.strategy.init_args.ensemble: false}
+
+Any method may name its own ``config``.
+
 The overrides of a run are, in order, the suite's, the dataset's, the method's and those given with
 ``pefttune sweep --set KEY=VALUE`` (later keys win).
 String values are formatted with the variables plus ``seed``, ``dataset`` and ``method``; a value that is
@@ -131,6 +145,45 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     return dict(value)
 
 
+def _methods(raw: Any, where: str) -> dict[str, dict[str, Any]]:
+    """The suite's ``methods``: a mapping, a list of names or ``builtin`` (see the module docstring)."""
+    from pefttune.strategies.registry import available_strategies, get_method, methods
+
+    if raw == "builtin":
+        raw = {"builtin": None}
+    elif isinstance(raw, list):
+        if not all(isinstance(name, str) for name in raw):
+            raise SuiteError(f"{where}: methods must list method names, got {raw!r}")
+        raw = dict.fromkeys(raw)
+    elif isinstance(raw, str):
+        raise SuiteError(f"{where}: methods must be a mapping, a list of names or 'builtin', got {raw!r}")
+    entries: dict[str, Any] = {}
+    for name, spec in _mapping(raw, f"{where}: methods").items():
+        if name != "builtin":
+            entries[name] = spec
+        elif spec:
+            raise SuiteError(
+                f"{where}: methods.builtin takes no settings (it stands for every registered method)"
+            )
+        else:
+            entries.update({entry.name: {} for entry in methods() if entry.name not in entries})
+    if not entries:
+        raise SuiteError(f"{where}: no methods")
+    registered = available_strategies()
+    for name, spec in entries.items():
+        spec = _mapping(spec, f"{where}: methods.{name}")
+        if "config" not in spec:
+            if name not in registered:
+                raise SuiteError(
+                    f"{where}: methods.{name} has no 'config' and is not a registered method "
+                    f"({', '.join(registered)})"
+                )
+            spec["config"] = get_method(name).config
+        spec["overrides"] = _mapping(spec.get("overrides"), f"{where}: methods.{name}.overrides")
+        entries[name] = spec
+    return entries
+
+
 @dataclass
 class Suite:
     """A parsed suite file (see the module docstring for the format).
@@ -171,15 +224,7 @@ class Suite:
         unknown = set(raw) - {"name", "output", "seeds", "variables", "overrides", "datasets", "methods"}
         if unknown:
             raise SuiteError(f"{where}: unknown keys {sorted(unknown)}")
-        methods = _mapping(raw.get("methods"), f"{where}: methods")
-        if not methods:
-            raise SuiteError(f"{where}: no methods")
-        for name, spec in methods.items():
-            spec = _mapping(spec, f"{where}: methods.{name}")
-            if "config" not in spec:
-                raise SuiteError(f"{where}: methods.{name} has no 'config'")
-            spec["overrides"] = _mapping(spec.get("overrides"), f"{where}: methods.{name}.overrides")
-            methods[name] = spec
+        methods = _methods(raw.get("methods"), where)
         datasets = _mapping(raw.get("datasets"), f"{where}: datasets") or {"default": {}}
         for name, spec in datasets.items():
             spec = _mapping(spec, f"{where}: datasets.{name}")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock, Timeout
 
 from pefttune.benchmark.suite import RunSpec, Suite, SuiteError
 
@@ -80,44 +81,25 @@ def result_path(output: Path, run: RunSpec) -> Path:
     return output / "results" / f"{run.slug}.json"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def claim_run(output: Path, run: RunSpec) -> FileLock | None:
+    """Lock the run for this process, so that sweeps started side by side on one folder split the runs.
 
-
-def claim_run(output: Path, run: RunSpec) -> Path | None:
-    """Take the run's lock file, so that sweeps started side by side on one folder split the runs.
+    The lock is an operating-system file lock on ``results/<run>.lock`` (:mod:`filelock`): it is held until
+    :meth:`~filelock.FileLock.release` or until the holding process ends, however it ends, so a crashed
+    sweep never leaves a stale claim behind. Sweeps on several machines sharing a network folder rely on
+    that filesystem's lock support (filelock falls back to a plain lock file where there is none).
 
     Returns:
-        The lock file (remove it when the run ends), or None when a live process on this machine holds it.
-        A lock left by a process that died (or by another machine's sweep, which cannot be checked, once
-        its run folder has not changed for a day) is taken over.
+        The held lock (release it when the run ends), or None when another sweep process or thread holds it.
     """
-    lock = output / "results" / f"{run.slug}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    owner = f"{platform.node()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            with open(lock, "x", encoding="utf-8") as handle:
-                handle.write(owner)
-            return lock
-        except FileExistsError:
-            try:
-                host, pid = lock.read_text(encoding="utf-8").split()
-            except (OSError, ValueError):
-                host, pid = "", "0"
-            if host == platform.node() and _pid_alive(int(pid)):
-                return None
-            folder = run_dir(output, run)
-            if host != platform.node() and folder.exists() and time.time() - folder.stat().st_mtime < 86400:
-                return None
-            lock.unlink(missing_ok=True)
-    return None
+    path = output / "results" / f"{run.slug}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock
 
 
 def run_dir(output: Path, run: RunSpec) -> Path:
@@ -277,6 +259,12 @@ def run_sweep(
             print(f"{prefix}: being run by another sweep process, skipped", flush=True)
             outcome["busy"].append(run.run_id)
             continue
+        if result_path(output, run).exists():
+            # Another sweep finished the run between the check above and the claim.
+            lock.release()
+            print(f"{prefix}: result exists, skipped", flush=True)
+            outcome["skipped"].append(run.run_id)
+            continue
         print(f"{prefix}: running", flush=True)
         try:
             result = execute_run(run, output, python, keep_checkpoints, suite.name, echo)
@@ -287,7 +275,7 @@ def run_sweep(
                 break
             continue
         finally:
-            lock.unlink(missing_ok=True)
+            lock.release()
         metrics = result.get("metrics", {})
         rsum = metrics.get("test/rsum")
         print(

@@ -2,18 +2,20 @@
 
 Every epoch a data loader decodes each JPEG again and resizes it, although for evaluation (and for
 training without random augmentation) the result is the same every time. :class:`DecodedImageCache`
-splits a torchvision transform into
+splits a torchvision ``Compose`` (``transforms.v2`` or the classic ``transforms``, as timm builds them)
+into
 
-* its **deterministic uint8 prefix**: ``ToImage`` / ``PILToTensor`` followed by any ``Resize``,
-  ``CenterCrop`` (the towers' transforms convert to a tensor first, so every later step already runs on a
-  uint8 tensor), and
-* the **rest** (random crops and flips, ``ToDtype``, ``Normalize``), which runs on every load,
+* its **deterministic uint8 prefix**: the leading ``Resize`` and ``CenterCrop`` steps and conversions to
+  a uint8 tensor (``ToImage``, ``PILToTensor``), in any order; its output is either a PIL image (timm:
+  resize and crop on PIL, then ``ToTensor``) or a uint8 tensor (torchvision v2: ``ToImage`` first), and
+* the **rest** (random crops and flips, ``ToTensor`` / ``ToDtype``, ``Normalize``), which runs on every
+  load,
 
-and stores the prefix's output of every image in a memory-mapped file, one fixed-size slot per image.
-A later load of the image reads its slot (no decoding, no resizing) and applies the rest, so the result is
-bitwise what the transform gives. With a random training transform whose first step is random (e.g.
-``RandomResizedCrop``) the prefix is only the decode, stored at full resolution, and the random crop runs
-on the cached pixels; that pays off when images are stored compressed at a modest resolution.
+and stores the prefix's output of every image as uint8 in a memory-mapped file, one fixed-size slot per
+image. A later load of the image reads its slot (no decoding, no resizing), turns it back into a PIL image
+or a tensor image as the prefix produced it, and applies the rest, so the result is bitwise what the
+transform gives. With a transform whose first step is random (e.g. ``RandomResizedCrop``) the prefix is
+empty: the decoded image is stored at full resolution (images of one size only) and every step runs on it.
 
 **Keys.** The cache of a transform and a set of images lives in ``directory/<digest>/``, the digest of
 the prefix (each step's ``repr``: sizes, interpolation, antialiasing) and of every image's identity: a
@@ -46,6 +48,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 from PIL import Image
+from torchvision import transforms as T1
 from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
 
@@ -60,12 +63,14 @@ __all__ = [
     "SharedIdSet",
     "SkipsCachedImages",
     "image_identity",
+    "resizes_or_crops",
     "split_transform",
 ]
 
-# Steps whose output depends on the input image alone (no random draw), in the order they may appear.
-_TO_TENSOR = (T.ToImage, T.PILToTensor)
-_DETERMINISTIC = (T.Resize, T.CenterCrop)
+# Steps whose output depends on the input image alone (no random draw) and keeps it uint8.
+_TO_UINT8_TENSOR = (T.ToImage, T.PILToTensor, T1.PILToTensor)
+_RESIZE_OR_CROP = (T.Resize, T.CenterCrop, T1.Resize, T1.CenterCrop)
+_COMPOSE = (T.Compose, T1.Compose)
 
 
 @runtime_checkable
@@ -77,29 +82,44 @@ class CachedImageSource(Protocol):
         ...
 
 
-def split_transform(transform: ImageTransform) -> tuple[T.Compose, T.Compose]:
-    """Split a ``v2.Compose`` into its deterministic uint8 prefix and the rest.
+def split_transform(transform: ImageTransform) -> tuple[Any, Any]:
+    """Split a torchvision ``Compose`` into its deterministic uint8 prefix and the rest.
 
     Args:
-        transform: A ``torchvision.transforms.v2.Compose`` whose first step converts the PIL image to a
-            tensor (``ToImage`` or ``PILToTensor``).
+        transform: A ``torchvision.transforms.v2.Compose`` or ``torchvision.transforms.Compose``.
 
     Returns:
-        ``(prefix, rest)``; ``rest(prefix(image))`` equals ``transform(image)``.
+        ``(prefix, rest)``, both of the transform's ``Compose`` class; ``rest(prefix(image))`` equals
+        ``transform(image)``. The prefix may be empty.
 
     Raises:
-        ValueError: If the transform is not a ``Compose`` starting with a conversion to a uint8 tensor.
+        ValueError: If the transform is not a torchvision ``Compose``.
     """
-    steps = list(getattr(transform, "transforms", []))
-    if not isinstance(transform, T.Compose) or not steps or not isinstance(steps[0], _TO_TENSOR):
+    if not isinstance(transform, _COMPOSE):
         raise ValueError(
-            "the decoded-image cache needs a torchvision.transforms.v2.Compose that starts with ToImage() "
-            f"or PILToTensor(), got {transform!r}"
+            "the decoded-image cache needs a torchvision Compose (transforms.v2 or transforms) whose first "
+            f"steps are deterministic (Resize, CenterCrop, ToImage), got {transform!r}"
         )
-    cut = 1
-    while cut < len(steps) and isinstance(steps[cut], _DETERMINISTIC):
+    steps = list(transform.transforms)
+    cut = 0
+    while cut < len(steps) and isinstance(steps[cut], _RESIZE_OR_CROP + _TO_UINT8_TENSOR):
         cut += 1
-    return T.Compose(steps[:cut]), T.Compose(steps[cut:])
+    compose = type(transform)
+    return compose(steps[:cut]), compose(steps[cut:])
+
+
+def resizes_or_crops(prefix: Any) -> bool:
+    """Whether a prefix from :func:`split_transform` makes the image smaller or fixed-size (worth caching)."""
+    return any(isinstance(step, _RESIZE_OR_CROP) for step in prefix.transforms)
+
+
+def _to_uint8_array(prefixed: Any) -> np.ndarray | None:
+    """The prefix's output as uint8: [H, W, 3] for an RGB PIL image, [C, H, W] for a tensor (else None)."""
+    if isinstance(prefixed, Image.Image):
+        return np.asarray(prefixed) if prefixed.mode == "RGB" else None
+    if isinstance(prefixed, torch.Tensor) and prefixed.dtype == torch.uint8:
+        return prefixed.numpy()
+    return None
 
 
 def image_identity(source: Any) -> str | None:
@@ -151,8 +171,7 @@ class DecodedImageCache:
 
     Args:
         directory: Where caches live; this one is ``directory/<digest of transform prefix and images>``.
-        transform: The image transform (a ``v2.Compose`` starting with ``ToImage``); see
-            :func:`split_transform`.
+        transform: The image transform (a torchvision ``Compose``); see :func:`split_transform`.
         sources: Every image source the cache serves (a dataset's ``record.image`` values); sources that
             repeat share a slot.
 
@@ -176,6 +195,7 @@ class DecodedImageCache:
         self.path = Path(directory) / digest.hexdigest()[:20]
         self.stats = CacheStats()
         self._shape: tuple[int, ...] | None = None
+        self._layout: str | None = None
         self._maps: tuple[np.memmap, np.memmap] | None = None
         self._pid = -1
 
@@ -193,12 +213,12 @@ class DecodedImageCache:
     @property
     def filled(self) -> int:
         """How many slots hold an image (0 before the cache files exist)."""
-        maps = self._open(None)
+        maps = self._open(None, None)
         return 0 if maps is None else int(np.count_nonzero(maps[1]))
 
     # -- files ---------------------------------------------------------------------------------------
-    def _open(self, shape: tuple[int, ...] | None) -> tuple[np.memmap, np.memmap] | None:
-        """The (pixels, flags) maps; created with ``shape`` slots if missing and a shape is given."""
+    def _open(self, shape: tuple[int, ...] | None, layout: str | None) -> tuple[np.memmap, np.memmap] | None:
+        """The (pixels, flags) maps; created with ``shape`` slots of ``layout`` if missing and given."""
         if self._maps is not None and self._pid == os.getpid():
             return self._maps
         meta = self.path / "meta.json"
@@ -208,16 +228,17 @@ class DecodedImageCache:
             self.path.mkdir(parents=True, exist_ok=True)
             with FileLock(str(self.path / "create.lock")):
                 if not meta.exists():
-                    self._create(shape)
+                    self._create(shape, layout or "tensor")
         info = json.loads(meta.read_text(encoding="utf-8"))
         self._shape = tuple(info["shape"])
+        self._layout = info["layout"]
         count = int(info["count"])
         pixels = np.memmap(self.path / "pixels.u8", dtype=np.uint8, mode="r+", shape=(count, *self._shape))
         flags = np.memmap(self.path / "filled.u8", dtype=np.uint8, mode="r+", shape=(count,))
         self._maps, self._pid = (pixels, flags), os.getpid()
         return self._maps
 
-    def _create(self, shape: tuple[int, ...]) -> None:
+    def _create(self, shape: tuple[int, ...], layout: str) -> None:
         count = max(len(self._slots), 1)
         slot_bytes = int(np.prod(shape))
         # Sparse files: disk blocks are used only as slots fill.
@@ -225,7 +246,12 @@ class DecodedImageCache:
             handle.truncate(count * slot_bytes)
         with open(self.path / "filled.u8", "wb") as handle:
             handle.truncate(count)
-        meta = {"shape": list(shape), "count": count, "prefix": [repr(s) for s in self.prefix.transforms]}
+        meta = {
+            "shape": list(shape),
+            "layout": layout,
+            "count": count,
+            "prefix": [repr(s) for s in self.prefix.transforms],
+        }
         # Written last: its presence says the data files are complete.
         tmp = self.path / "meta.json.tmp"
         tmp.write_text(json.dumps(meta), encoding="utf-8")
@@ -248,21 +274,27 @@ class DecodedImageCache:
         if slot is None:
             self.stats.skip("no identity" if identity is None else "not in this cache")
             return self.rest(self.prefix(decode()))
-        maps = self._open(None)
+        maps = self._open(None, None)
         if maps is not None and maps[1][slot]:
             self.stats.hits += 1
-            pixels = torch.from_numpy(np.array(maps[0][slot]))
-            return self.rest(tv_tensors.Image(pixels))
-        prefixed = self.prefix(decode())
-        if prefixed.dtype != torch.uint8:
-            raise TypeError(f"the cached transform prefix must give uint8 tensors, got {prefixed.dtype}")
-        maps = self._open(tuple(prefixed.shape))
+            pixels = np.array(maps[0][slot])
+            if self._layout == "pil":
+                return self.rest(Image.fromarray(pixels))
+            return self.rest(tv_tensors.Image(torch.from_numpy(pixels)))
+        image = decode()
+        prefixed = self.prefix(image) if self.prefix.transforms else image
+        array = _to_uint8_array(prefixed)
+        if array is None:  # not RGB / not uint8: nothing exact to store
+            self.stats.skip("not uint8 RGB")
+            return self.rest(prefixed)
+        layout = "pil" if isinstance(prefixed, Image.Image) else "tensor"
+        maps = self._open(tuple(array.shape), layout)
         assert maps is not None
-        if tuple(prefixed.shape) != self._shape:
+        if tuple(array.shape) != self._shape or layout != self._layout:
             self.stats.skip("other shape")
             return self.rest(prefixed)
         pixels, flags = maps
-        pixels[slot] = prefixed.numpy()
+        pixels[slot] = array
         flags[slot] = 1  # after the pixels: a set flag always means a complete slot
         self.stats.misses += 1
         return self.rest(prefixed)

@@ -1,12 +1,15 @@
 """``ClassificationDataModule``: labelled images for zero-shot classification and the base-to-new protocol.
 
-Sources: the synthetic scenes (class = the main object's ``"colour shape"``), an image folder
-(``root/<class>/**/*.jpg``), a CSV/TSV, JSONL or JSON-list file with an image and a label column, or a
-Karpathy JSON file whose images carry a ``class`` key (UCM-Captions). Captions are not used.
+Sources: any :class:`~pefttune.data.sources.Source` whose records carry labels: the synthetic scenes (class =
+the main object's ``"colour shape"``), an :class:`~pefttune.data.sources.ImageFolder`
+(``root/<class>/**/*.jpg``), a :class:`~pefttune.data.sources.Table` with a label column (name it as the
+caption column too: captions are not used), or a Karpathy JSON file whose images carry a ``class`` key
+(UCM-Captions). The data module is an :class:`~pefttune.data.ImageTextDataModule` (same arguments) with the
+classification arguments below; it satisfies :class:`~pefttune.data.contracts.ClassificationData`.
 
-Classes. The class vocabulary is ``classes`` when given, else every label found in the enabled splits
-(sorted), else for the synthetic scenes every class that can occur. ``split_classes`` chooses what is trained
-and evaluated:
+Classes. The class vocabulary is ``classes`` when given, else the sources' fixed classes (the synthetic
+scenes: every class that can occur), else every label found in the enabled splits (sorted).
+``split_classes`` chooses what is trained and evaluated:
 
 * ``"all"``: every class, everywhere.
 * ``"base"`` / ``"new"``: only the base / new classes, everywhere.
@@ -39,8 +42,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -51,23 +54,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from pefttune.data.datamodule import ImageTextDataModule, Role
 from pefttune.data.datasets import EpochDataLoader, TrainCollate, load_image
-from pefttune.data.formats import FORMATS
 from pefttune.data.preprocessing import ImageTransform
-from pefttune.data.records import (
-    DataFormatError,
-    ErrorPolicy,
-    ImageCaptionRecord,
-    OnError,
-    SkipReport,
-)
-from pefttune.data.synthetic import SyntheticScenes
+from pefttune.data.records import DataFormatError, ErrorPolicy, ImageCaptionRecord
 
 logger = logging.getLogger(__name__)
 
 SplitClasses = Literal["all", "base", "new", "base_to_new"]
-ClassificationFormat = Literal["auto", "image_folder", "karpathy", "csv", "jsonl", "json_list"]
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 _STAGE_ROLE: dict[str, Role] = {
     "fit": "val",
@@ -204,77 +197,6 @@ class ClassGroup:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Image folders
-
-
-def read_image_folder(
-    root: str,
-    *,
-    split: str = "train",
-    on_error: OnError = "raise",
-    report: SkipReport | None = None,
-    extensions: Sequence[str] = IMAGE_EXTENSIONS,
-) -> list[ImageCaptionRecord]:
-    """Read ``root/<class>/**/<image>`` into records labelled with their class folder's name.
-
-    Every sub-folder of ``root`` is a class (hidden ones excepted); its images are found recursively and
-    sorted by path. The image id is the path relative to ``root``; the single caption is the class name (the
-    record format needs one; classification does not read it). Files directly in ``root`` are ignored.
-
-    Args:
-        root: The folder.
-        split: Split given to every record.
-        on_error: ``"skip"`` tolerates empty class folders (reported as ``"no_captions"``); ``"raise"``
-            raises for them.
-        report: Collects skipped items.
-        extensions: File name endings (lower case) counted as images.
-
-    Returns:
-        One record per image, class folders in sorted order.
-
-    Raises:
-        DataFormatError: If ``root`` is not a folder or holds no image in any class folder.
-    """
-    if not os.path.isdir(root):
-        raise DataFormatError(f"{root}: not a folder (expected root/<class>/<image files>)")
-    policy = ErrorPolicy(on_error, report)
-    classes = sorted(
-        entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")
-    )
-    records: list[ImageCaptionRecord] = []
-    for name in classes:
-        folder = os.path.join(root, name)
-        paths = sorted(
-            os.path.join(directory, file)
-            for directory, subdirectories, files in os.walk(folder)
-            for file in files
-            if file.lower().endswith(tuple(extensions)) and not file.startswith(".")
-        )
-        if not paths:
-            policy.fail(
-                "no_captions", f"{folder}: class folder {name!r} holds no image ({', '.join(extensions)})"
-            )
-            continue
-        for path in paths:
-            relative = os.path.relpath(path, root)
-            records.append(
-                ImageCaptionRecord(
-                    image_id=relative.replace(os.sep, "/"),
-                    image=path,
-                    captions=[name],
-                    split=split,
-                    label=name,
-                    origin=f"{root}, {relative}",
-                )
-            )
-    if not records:
-        raise DataFormatError(
-            f"{root}: no images found in class folders (expected root/<class>/<image files>)"
-        )
-    return records
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Datasets and collation
 
 
@@ -392,92 +314,36 @@ def classification_collate(items: Sequence[dict[str, Any]]) -> dict[str, torch.T
 class ClassificationDataModule(ImageTextDataModule):
     """Labelled images: training on class prompts and zero-shot classification (see the module docstring).
 
-    It shares the reading machinery, the error policy and the :meth:`attach_preprocessing` contract of
-    :class:`~pefttune.data.ImageTextDataModule` (and is one, so ``pefttune fit`` accepts it as ``data``),
-    but its batches are classification batches: the training layout with class prompts as texts, and
-    evaluation batches of ``pixel_values``, ``labels`` and ``image_ids`` (one dataloader per class group).
+    It is an :class:`~pefttune.data.ImageTextDataModule` (same sources, splits, loaders, error policy and
+    :meth:`attach_preprocessing` contract; ``pefttune fit`` accepts it as ``data``) whose batches are
+    classification batches: the training layout with class prompts as texts, and evaluation batches of
+    ``pixel_values``, ``labels`` and ``image_ids`` (one dataloader per class group). The default source is
+    the synthetic scenes without held-out compositions (36 classes that occur in every split, so base and new
+    classes come from the same distribution).
 
     Args:
-        source: ``"synthetic"``, an image folder (``root/<class>/...``) or an annotation file (Karpathy JSON
-            with ``class`` keys, CSV/TSV, JSONL, JSON list).
-        format: ``"auto"`` (a folder is an image folder; files by extension and content), ``"image_folder"``,
-            ``"karpathy"``, ``"csv"``, ``"jsonl"`` or ``"json_list"``.
-        val_source: Folder or file of the validation split; None takes it from ``source``.
-        test_source: Folder or file of the test split; None takes it from ``source``.
-        image_root: Folder relative image paths of annotation files are resolved against.
-        train_split: Name of the training split.
-        val_split: Name of the validation split; None disables validation.
-        test_split: Name of the test split; None disables testing.
-        image_column: CSV column / JSON key of the image path (default ``filepath`` / ``image``).
-        label_column: CSV column / JSON key of the class name (default ``label``; Karpathy files use
-            ``class``).
-        split_column: CSV column / JSON key of the split name; None puts every row in the split read.
-        separator: CSV field separator (None: by extension, see :func:`~pefttune.data.formats.read_csv`).
         classes: The class vocabulary; None collects it from the data. Images of other classes are dropped.
         templates: Prompt templates, each with one ``{}``; a class embedding averages its templates.
         underscores_as_spaces: Read ``_`` in class names as spaces in prompts.
         shots: K images per training class (seeded with ``seed``); None keeps every training image.
         split_classes: ``"all"``, ``"base"``, ``"new"`` or ``"base_to_new"`` (see the module docstring).
-        batch_size: Training batch size (per device).
-        eval_batch_size: Evaluation batch size; None means ``batch_size``.
-        num_workers: DataLoader worker processes.
-        persistent_workers: Keep workers alive between epochs (only with ``num_workers > 0``).
-        pin_memory: Pin batches in page-locked memory.
-        drop_last: Drop the last incomplete training batch.
-        on_error: ``"raise"`` or ``"skip"`` for bad records, images without a label and empty class folders.
-        validate_images: Decode every image at setup (see :class:`~pefttune.data.ImageTextDataModule`).
-        check_files: Check at setup that image files exist.
-        max_eval_images: Keep only the first N images of each evaluation split (before grouping by class).
-        synthetic_train: Synthetic source: number of training images.
-        synthetic_val: Synthetic source: number of validation images.
-        synthetic_test: Synthetic source: number of test images.
-        synthetic_image_size: Synthetic source: image side in pixels.
-        synthetic_held_out_fraction: Synthetic source: share of test images showing one of the held-out
-            colour-shape pairs (never in training). 0 (default) keeps the vocabulary to the 36 classes that
-            occur in every split, so base and new classes come from the same distribution.
-        seed: Seed of the synthetic data, the shot draw, the training shuffle and the template draw.
+        synthetic_held_out_fraction: Deprecated: ``Synthetic(held_out_fraction=...)``.
+        **kwargs: The arguments of :class:`~pefttune.data.ImageTextDataModule` (``source``, ``val_source``,
+            ``test_source``, splits, batch sizes, workers, ``on_error``, ``seed``, ...).
     """
+
+    default_held_out_fraction = 0.0
 
     def __init__(
         self,
-        source: str = "synthetic",
-        format: ClassificationFormat = "auto",
-        val_source: str | None = None,
-        test_source: str | None = None,
-        image_root: str | None = None,
-        train_split: str = "train",
-        val_split: str | None = "val",
-        test_split: str | None = "test",
-        image_column: str | None = None,
-        label_column: str | None = None,
-        split_column: str | None = None,
-        separator: str | None = None,
         classes: list[str] | None = None,
         templates: Sequence[str] = DEFAULT_TEMPLATES,
         underscores_as_spaces: bool = True,
         shots: int | None = None,
         split_classes: SplitClasses = "all",
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        persistent_workers: bool = True,
-        pin_memory: bool = False,
-        drop_last: bool = True,
-        on_error: Literal["raise", "skip"] = "raise",
-        validate_images: bool = False,
-        check_files: bool = True,
-        max_eval_images: int | None = None,
-        synthetic_train: int = 512,
-        synthetic_val: int = 64,
-        synthetic_test: int = 128,
-        synthetic_image_size: int = 64,
-        synthetic_held_out_fraction: float = 0.0,
-        seed: int = 0,
+        synthetic_held_out_fraction: float | None = None,
+        **kwargs: Any,
     ) -> None:
-        if format not in ("image_folder", *FORMATS) or format in ("coco", "webdataset"):
-            raise ValueError(
-                f"format must be one of auto, image_folder, karpathy, csv, jsonl, json_list; got {format!r}"
-            )
         if split_classes not in ("all", "base", "new", "base_to_new"):
             raise ValueError(f"split_classes must be all, base, new or base_to_new; got {split_classes!r}")
         if shots is not None and shots < 1:
@@ -485,50 +351,31 @@ class ClassificationDataModule(ImageTextDataModule):
         if classes is not None and not classes:
             raise ValueError("classes must name at least one class (or be None)")
         check_templates(templates)
-        label = label_column or "label"
-        super().__init__(
-            source=source,
-            format="auto" if format == "image_folder" else format,
-            val_source=val_source,
-            test_source=test_source,
-            image_root=image_root,
-            train_split=train_split,
-            val_split=val_split,
-            test_split=test_split,
-            image_column=image_column,
-            # The record format needs a caption; the label column serves (captions are not used here).
-            caption_column=label,
-            split_column=split_column,
-            label_column=label,
-            separator=separator,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            persistent_workers=persistent_workers,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            on_error=on_error,
-            validate_images=validate_images,
-            check_files=check_files,
-            max_eval_images=max_eval_images,
-            synthetic_train=synthetic_train,
-            synthetic_val=synthetic_val,
-            synthetic_test=synthetic_test,
-            synthetic_image_size=synthetic_image_size,
-            seed=seed,
-        )
-        self.classification_format = format
+        if synthetic_held_out_fraction is not None:
+            warnings.warn(
+                "ClassificationDataModule: synthetic_held_out_fraction is deprecated; write source: "
+                "{class_path: "
+                "pefttune.data.sources.Synthetic, init_args: {held_out_fraction: "
+                f"{synthetic_held_out_fraction}}}}}",
+                FutureWarning,
+                stacklevel=2,
+            )
+            self.default_held_out_fraction = synthetic_held_out_fraction  # read by the default source
+        super().__init__(**kwargs)
         self.templates = list(templates)
         self.underscores_as_spaces = underscores_as_spaces
         self.shots = shots
         self.split_classes = split_classes
         self.fixed_classes = sorted(set(classes)) if classes is not None else None
-        self.synthetic_held_out_fraction = synthetic_held_out_fraction
         self.prompt_prefix = ""
-        self._folder_records: dict[Role, list[ImageCaptionRecord]] = {}
         self._labelled: dict[Role, list[ImageCaptionRecord]] = {}
         self._vocabulary: list[str] | None = None
         self._reported_skips = 0
+
+    def legacy_table_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The deprecated form read the label column (default ``label``) as the caption column too."""
+        label = options.get("label_column") or "label"
+        return {"caption_column": label, "label_column": label}
 
     # -----------------------------------------------------------------------------------------------------
     # Wiring
@@ -540,31 +387,8 @@ class ClassificationDataModule(ImageTextDataModule):
         """
         self.prompt_prefix = str(prefix or "")
 
-    @property
-    def synthetic(self) -> SyntheticScenes | None:
-        """The synthetic dataset (with ``synthetic_held_out_fraction``) when a source is synthetic."""
-        if self._synthetic is None and "synthetic" in self.sources.values():
-            options = self._synthetic_options
-            self._synthetic = SyntheticScenes(
-                num_train=options["num_train"],
-                num_val=options["num_val"],
-                num_test=options["num_test"],
-                image_size=options["image_size"],
-                seed=options["seed"],
-                held_out_fraction=self.synthetic_held_out_fraction,
-            )
-        return self._synthetic
-
     # -----------------------------------------------------------------------------------------------------
     # Reading
-
-    def _is_folder(self, role: Role) -> bool:
-        source = self.sources[role]
-        if source == "synthetic":
-            return False
-        return self.classification_format == "image_folder" or (
-            self.classification_format == "auto" and os.path.isdir(source)
-        )
 
     def _enabled_roles(self) -> list[Role]:
         return [role for role in ("train", "val", "test") if self.split_names[role] is not None]
@@ -598,26 +422,6 @@ class ClassificationDataModule(ImageTextDataModule):
             self.shots,
         )
 
-    def records(self, role: Role) -> list[ImageCaptionRecord]:
-        """The records of a split as read (image folders here, everything else by the parent class)."""
-        if not self._is_folder(role):
-            return super().records(role)
-        if role in self._folder_records:
-            return self._folder_records[role]
-        split = self.split_names[role]
-        if split is None:
-            raise RuntimeError(f"the {role} split is disabled ({role}_split=None)")
-        source = self.sources[role]
-        # As for annotation files: the main folder's images belong to the training split, a separate folder's
-        # to the split it is given for.
-        default_split = self.split_names["train"] if source == self.sources["train"] else split
-        records = read_image_folder(
-            source, split=str(default_split), on_error=self.on_error, report=self.skip_report
-        )
-        records = self._select_split(records, role, split, source, "a folder")
-        self._folder_records[role] = self._limit_and_check(records, role, split, source)
-        return self._folder_records[role]
-
     def labelled_records(self, role: Role) -> list[ImageCaptionRecord]:
         """The records of a split that have a label in the vocabulary (``classes``, when given).
 
@@ -633,8 +437,8 @@ class ClassificationDataModule(ImageTextDataModule):
             if record.label is None or not str(record.label).strip():
                 policy.fail(
                     "missing_key",
-                    f"{record.describe()}: no class label (set label_column, or use a Karpathy file with "
-                    "'class' keys or an image folder)",
+                    f"{record.describe()}: no class label (a Table source needs label_column; or use a "
+                    "Karpathy file with 'class' keys or an ImageFolder)",
                 )
             elif self.fixed_classes is not None and record.label not in self.fixed_classes:
                 dropped += 1
@@ -646,7 +450,7 @@ class ClassificationDataModule(ImageTextDataModule):
             )
         if not kept:
             raise DataFormatError(
-                f"{self.sources[role]}: no labelled image in split {self.split_names[role]!r}"
+                f"{self.sources[role].describe()}: no labelled image in split {self.split_names[role]!r}"
             )
         self._labelled[role] = kept
         return kept
@@ -660,12 +464,10 @@ class ClassificationDataModule(ImageTextDataModule):
         if self._vocabulary is None:
             if self.fixed_classes is not None:
                 self._vocabulary = list(self.fixed_classes)
-            elif all(self.sources[role] == "synthetic" for role in self._enabled_roles()):
-                synthetic = self.synthetic
-                assert synthetic is not None
-                names = synthetic.class_names
-                if self.synthetic_held_out_fraction == 0.0:
-                    names = [name for name in names if not synthetic.is_held_out(name)]
+            elif all(self.sources[role].class_names() is not None for role in self._enabled_roles()):
+                names = {
+                    name for role in self._enabled_roles() for name in self.sources[role].class_names() or []
+                }
                 self._vocabulary = sorted(names)
             else:
                 labels = {str(r.label) for role in self._enabled_roles() for r in self.labelled_records(role)}
@@ -750,7 +552,8 @@ class ClassificationDataModule(ImageTextDataModule):
             positions = [i for i, record in enumerate(records) if record.label in index]
         if not positions:
             raise DataFormatError(
-                f"{self.sources['train']}: no training image of the {len(classes)} training class(es)"
+                f"{self.sources['train'].describe()}: no training image of the {len(classes)} "
+                "training class(es)"
             )
         chosen = [records[i] for i in positions]
         return chosen, [index[str(record.label)] for record in chosen]
@@ -762,7 +565,8 @@ class ClassificationDataModule(ImageTextDataModule):
         chosen = [record for record in self.labelled_records(role) if record.label in index]
         if not chosen:
             raise DataFormatError(
-                f"{self.sources[role]}: split {self.split_names[role]!r} has no image of the {group.name} "
+                f"{self.sources[role].describe()}: split {self.split_names[role]!r} has no image of "
+                f"the {group.name} "
                 f"classes ({len(group.class_names)} classes)"
             )
         return chosen, [index[str(record.label)] for record in chosen]
@@ -785,14 +589,7 @@ class ClassificationDataModule(ImageTextDataModule):
             transform=preprocessing.train_transform,
             seed=self.seed,
         )
-        _, world_size = self._rank_and_world()
-        per_rank = len(dataset) // (world_size or 1)
-        if self.drop_last and per_rank < self.batch_size:
-            raise DataFormatError(
-                f"{self.sources['train']}: {len(dataset)} training images ({per_rank} per rank) are fewer "
-                f"than batch_size={self.batch_size} with drop_last=True; lower batch_size or set "
-                "drop_last=False"
-            )
+        self._check_enough(len(dataset), self._rank_and_world()[1], self.sources["train"])
         return EpochDataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -839,7 +636,6 @@ class ClassificationDataModule(ImageTextDataModule):
 
 __all__ = [
     "DEFAULT_TEMPLATES",
-    "IMAGE_EXTENSIONS",
     "ClassGroup",
     "ClassificationDataModule",
     "ClassificationEvalDataset",
@@ -847,7 +643,6 @@ __all__ = [
     "check_templates",
     "class_prompts",
     "classification_collate",
-    "read_image_folder",
     "sample_shots",
     "split_base_new",
     "strip_prompt_prefix",

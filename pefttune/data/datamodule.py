@@ -1,11 +1,16 @@
-"""``ImageTextDataModule``: image-caption data for training and retrieval evaluation.
+"""``ImageTextDataModule``: image-caption (or video-caption) data for training and retrieval evaluation.
 
-The data module does not know which towers it feeds. The model hands it a
+The data module reads a :class:`~pefttune.data.sources.Source` per split (one source object per format,
+chosen in a config by ``class_path``) and does what is the same for every format: validation, split
+selection, duplicate checks, limits, loading (images, or frames sampled from videos) and batching.
+
+It does not know which towers it feeds. The model hands it a
 :class:`~pefttune.data.preprocessing.Preprocessing` through :meth:`ImageTextDataModule.attach_preprocessing`
 (from the LightningModule's ``setup``, which Lightning calls after the data module's ``setup`` and before any
 dataloader is requested); the dataloaders apply its transforms and tokenizer and emit the batch layouts of
 :mod:`pefttune.data.preprocessing`: the training layout for ``train_dataloader``, the evaluation layout (every
-image once with all of its captions) for ``val``, ``test`` and ``predict``.
+item once with its captions) for ``val``, ``test`` and ``predict``. It satisfies
+:class:`~pefttune.data.contracts.RetrievalData`.
 """
 
 from __future__ import annotations
@@ -16,20 +21,30 @@ from typing import Any, Literal
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from pefttune.data.cache import DecodedImageCache, split_transform
+from pefttune.data.cache import DecodedImageCache, resizes_or_crops, split_transform
 from pefttune.data.datasets import (
     EpochDataLoader,
     EvalCollate,
     ImageWithCaptionsDataset,
+    ItemLoader,
     PairDataset,
     TrainCollate,
-    WebDatasetStream,
     check_images,
+    evaluation_captions,
 )
-from pefttune.data.formats import expand_shards, is_shard_pattern, missing_local_shards, read_records
+from pefttune.data.legacy import LEGACY_OPTIONS, legacy_source
 from pefttune.data.preprocessing import Preprocessing
-from pefttune.data.records import DataFormatError, ImageCaptionRecord, SkipReport, select_split
-from pefttune.data.synthetic import SyntheticScenes
+from pefttune.data.records import (
+    DataFormatError,
+    ErrorPolicy,
+    ImageCaptionRecord,
+    SkipReport,
+    check_duplicate_files,
+    select_split,
+)
+from pefttune.data.sources.base import Source, StreamingSource
+from pefttune.data.sources.synthetic import Synthetic
+from pefttune.data.video import FrameSampler
 
 logger = logging.getLogger(__name__)
 
@@ -41,96 +56,100 @@ _STAGE_ROLES: dict[str | None, tuple[Role, ...]] = {
     "predict": ("test",),
     None: ("train", "val", "test"),
 }
+_EVAL_ROLE: dict[str, Role] = {
+    "validate": "val",
+    "val": "val",
+    "fit": "val",
+    "test": "test",
+    "predict": "test",
+}
 
 
 class ImageTextDataModule(LightningDataModule):
-    """Image-caption pairs from the synthetic scenes, an annotation file or WebDataset shards.
+    """Items with captions from a source per split: synthetic scenes, annotation files, shards, videos.
 
-    Sources: ``"synthetic"`` (:class:`~pefttune.data.synthetic.SyntheticScenes`, no files needed), an
-    annotation file (Karpathy JSON, COCO JSON, CSV/TSV, JSONL, JSON list) or a WebDataset shard pattern. A
-    file holding several splits (Karpathy, or CSV/JSONL with a split column) serves all of them from
-    ``source``; formats with one split per file (COCO, WebDataset) take ``val_source`` and ``test_source``.
-    Training on shards streams them (:class:`~pefttune.data.datasets.WebDatasetStream`); evaluation shards are
-    indexed as a whole.
+    ``source`` serves every split whose records it holds (a Karpathy file, a table with a split column, the
+    synthetic scenes, MSR-VTT's annotation JSON); formats with one split per file (COCO, a folder, shards, a
+    CLIP4Clip split file) take ``val_source`` / ``test_source`` for the evaluation splits. The source's
+    records without a split of their own belong to ``train_split``; a separate
+    ``val_source``/``test_source``'s to the split it is given for.
+
+    Training on a :class:`~pefttune.data.sources.StreamingSource` (WebDataset shards) streams it; evaluation
+    splits are always listed as a whole. Video records (a :class:`~pefttune.data.video.Video` as ``image``)
+    give video batches: ``pixel_values`` [B, T, 3, H, W], ``frame_mask`` [B, T], ``frame_indices`` [B, T]
+    with ``T = num_frames`` (see :mod:`pefttune.data.video` for the sampling).
 
     Bad input: ``on_error="raise"`` stops at the first problem with the file, record and expectation named;
     ``"skip"`` drops bad records and captions, counts them in :attr:`skip_report` and logs them at setup.
     Images are decoded only when loaded, and an unreadable image then raises whatever ``on_error`` is (see
-    :mod:`pefttune.data.datasets`); set ``validate_images=True`` to decode all images at setup, so that
-    ``"skip"`` also drops unreadable images.
+    :mod:`pefttune.data.datasets`); set ``validate_images=True`` to decode all images (for videos: count the
+    frames and decode the first) at setup, so that ``"skip"`` also drops unreadable ones. The same file under
+    two ids in one split is logged as a warning in the training split and refused in evaluation splits (where
+    it makes a correct retrieval count as wrong); under ``"skip"`` the later ids are dropped and counted.
 
     Under DDP, Lightning puts a ``DistributedSampler`` on the map-style loaders; its padding duplicates carry
     the ids of the originals, so retrieval metrics deduplicate them by id.
 
     Args:
-        source: ``"synthetic"``, a path to an annotation file, or a WebDataset shard pattern
-            (``"train-{0000..0099}.tar"``, several joined by ``::``).
-        format: Format of the files: ``"auto"`` (by extension and content), ``"karpathy"``, ``"coco"``,
-            ``"csv"``, ``"jsonl"``, ``"json_list"`` or ``"webdataset"``.
-        val_source: Annotation file or shards of the validation split; None takes it from ``source``.
-        test_source: Annotation file or shards of the test split; None takes it from ``source``.
-        image_root: Folder relative image paths are resolved against; None means each annotation file's
-            folder.
+        source: The data: a :class:`~pefttune.data.sources.Source` (``class_path`` + ``init_args`` in a
+            config); None means :class:`~pefttune.data.sources.Synthetic` with ``seed``. Deprecated: a string
+            (``"synthetic"``, an annotation file or a shard pattern) read with the deprecated options below.
+        val_source: Source of the validation split; None takes it from ``source``.
+        test_source: Source of the test split (also used by ``predict``); None takes it from ``source``.
         train_split: Name of the training split.
         val_split: Name of the validation split; None disables validation.
-        test_split: Name of the test split (also used by ``predict``); None disables testing.
-        restval_split: Karpathy files: split the ``restval`` images join (None keeps ``"restval"``).
-        image_column: CSV column / JSON key of the image path; None means ``filepath`` (CSV) or ``image``
-            (JSON).
-        caption_column: CSV column / JSON key of the caption; None means ``title`` (CSV) or ``caption``
-            (JSON).
-        group_column: CSV column / JSON key of the image id grouping several rows; None groups by image path.
-        split_column: CSV column / JSON key of the split name; None puts every row in the split being read.
-        label_column: CSV column / JSON key of the class name (for zero-shot classification).
-        separator: CSV field separator; None picks tab for ``.tsv`` and comma otherwise, falling back to the
-            other when the header lacks the columns.
+        test_split: Name of the test split; None disables testing.
         batch_size: Training batch size (per device).
-        eval_batch_size: Evaluation batch size in images (each brings all of its captions); None means
-            ``batch_size``.
+        eval_batch_size: Evaluation batch size in items (each brings its captions); None means ``batch_size``.
         num_workers: DataLoader worker processes.
         persistent_workers: Keep workers alive between epochs (only with ``num_workers > 0``).
         pin_memory: Pin batches in page-locked memory (faster host-to-GPU copies).
         drop_last: Drop the last incomplete training batch; contrastive losses want full batches.
-        captions_per_image: ``"all"``: one training pair per caption. ``"sample"``: one pair per image per
-            epoch with a caption drawn afresh each epoch (seeded).
+        captions_per_image: ``"all"``: one training pair per caption (CLIP4Clip's
+            ``--expand_msrvtt_sentences``). ``"sample"``: one pair per item per epoch with a caption drawn
+            afresh each epoch (seeded).
+        eval_captions: Evaluation caption protocol: ``"all"`` captions of each item, or ``"one"`` per item
+            (MSR-VTT 1k-A: the split file's sentence, else the first caption). Results should name it.
+        num_frames: ``T``, frames sampled per video (ignored for images).
         on_error: ``"raise"`` or ``"skip"`` for bad records, captions and (with ``validate_images``) images.
-        validate_images: Decode every image at setup (slow for large sets) so unreadable ones fail early or,
-            with ``on_error="skip"``, are dropped and reported.
-        check_files: Check at setup that image files exist (one ``stat`` per image).
-        samples_per_epoch: Shards only: training items per epoch over all ranks, which gives every rank the
-            same number of batches (needed under DDP unless shards are equal); None means one pass.
-        shuffle_buffer: Shards only: size of the streaming shuffle buffer.
-        max_train_samples: Keep only the first N training items (pairs, or images with ``"sample"``) for quick
-            runs; with shards, caps the items per epoch.
-        max_eval_images: Keep only the first N images of each evaluation split.
-        synthetic_train: Synthetic source: number of training images.
-        synthetic_val: Synthetic source: number of validation images.
-        synthetic_test: Synthetic source: number of test images.
-        synthetic_image_size: Synthetic source: image side in pixels.
-        seed: Seed of the synthetic data, the training shuffle and the caption draw.
+        validate_images: Decode every image at setup so unreadable ones fail early or are dropped.
+        max_train_samples: Keep only the first N training items (pairs, or items with ``"sample"``) per epoch.
+        max_eval_images: Keep only the first N items of each evaluation split.
+        seed: Seed of the default synthetic data, the training shuffle, the caption draw and frame offsets.
         image_cache_dir: Keep decoded, resized images in memory-mapped uint8 files under this folder
             (:class:`~pefttune.data.cache.DecodedImageCache`), so that later epochs and later runs skip
             decoding and resizing: evaluation images always, training images when the training transform
-            resizes before any random step. None (default) decodes every image every time.
+            resizes before any random step (video frames are not cached). None (default) decodes every
+            image every time.
+        format: Deprecated, with a string ``source``: the file format; use a source class instead.
+        image_root: Deprecated: the source's ``image_root``.
+        restval_split: Deprecated: ``Karpathy(restval_split=...)``.
+        image_column: Deprecated: ``Table(image_column=...)``.
+        caption_column: Deprecated: ``Table(caption_column=...)``.
+        group_column: Deprecated: ``Table(group_column=...)``.
+        split_column: Deprecated: ``Table(split_column=...)``.
+        label_column: Deprecated: ``Table(label_column=...)``.
+        separator: Deprecated: ``Table(separator=...)``.
+        check_files: Deprecated: the source's ``check_files``.
+        samples_per_epoch: Deprecated: ``WebDataset(samples_per_epoch=...)``.
+        shuffle_buffer: Deprecated: ``WebDataset(shuffle_buffer=...)``.
+        synthetic_train: Deprecated: ``Synthetic(num_train=...)``.
+        synthetic_val: Deprecated: ``Synthetic(num_val=...)``.
+        synthetic_test: Deprecated: ``Synthetic(num_test=...)``.
+        synthetic_image_size: Deprecated: ``Synthetic(image_size=...)``.
     """
+
+    #: ``held_out_fraction`` of the default synthetic source (the classification module uses 0).
+    default_held_out_fraction: float = 0.5
 
     def __init__(
         self,
-        source: str = "synthetic",
-        format: Literal["auto", "karpathy", "coco", "csv", "jsonl", "json_list", "webdataset"] = "auto",
-        val_source: str | None = None,
-        test_source: str | None = None,
-        image_root: str | None = None,
+        source: Source | str | None = None,
+        val_source: Source | str | None = None,
+        test_source: Source | str | None = None,
         train_split: str = "train",
         val_split: str | None = "val",
         test_split: str | None = "test",
-        restval_split: str | None = "train",
-        image_column: str | None = None,
-        caption_column: str | None = None,
-        group_column: str | None = None,
-        split_column: str | None = None,
-        label_column: str | None = None,
-        separator: str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -138,19 +157,30 @@ class ImageTextDataModule(LightningDataModule):
         pin_memory: bool = False,
         drop_last: bool = True,
         captions_per_image: Literal["all", "sample"] = "all",
+        eval_captions: Literal["all", "one"] = "all",
+        num_frames: int = 8,
         on_error: Literal["raise", "skip"] = "raise",
         validate_images: bool = False,
-        check_files: bool = True,
-        samples_per_epoch: int | None = None,
-        shuffle_buffer: int = 1000,
         max_train_samples: int | None = None,
         max_eval_images: int | None = None,
-        synthetic_train: int = 512,
-        synthetic_val: int = 64,
-        synthetic_test: int = 128,
-        synthetic_image_size: int = 64,
         seed: int = 0,
         image_cache_dir: str | None = None,
+        format: str | None = None,
+        image_root: str | None = None,
+        restval_split: str | None = None,
+        image_column: str | None = None,
+        caption_column: str | None = None,
+        group_column: str | None = None,
+        split_column: str | None = None,
+        label_column: str | None = None,
+        separator: str | None = None,
+        check_files: bool | None = None,
+        samples_per_epoch: int | None = None,
+        shuffle_buffer: int | None = None,
+        synthetic_train: int | None = None,
+        synthetic_val: int | None = None,
+        synthetic_test: int | None = None,
+        synthetic_image_size: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -159,22 +189,22 @@ class ImageTextDataModule(LightningDataModule):
             raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
         if captions_per_image not in ("all", "sample"):
             raise ValueError(f"captions_per_image must be 'all' or 'sample', got {captions_per_image!r}")
+        if eval_captions not in ("all", "one"):
+            raise ValueError(f"eval_captions must be 'all' or 'one', got {eval_captions!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.save_hyperparameters(logger=False)
-        self.source = source
-        self.format = format
-        self.sources: dict[Role, str] = {
-            "train": source,
-            "val": val_source if val_source is not None else source,
-            "test": test_source if test_source is not None else source,
+        legacy = {
+            name: value for name, value in locals().items() if name in LEGACY_OPTIONS and value is not None
         }
+        self.sources: dict[Role, Source] = self._resolve_sources(
+            source, val_source, test_source, legacy, seed
+        )
         self.split_names: dict[Role, str | None] = {
             "train": train_split,
             "val": val_split,
             "test": test_split,
         }
-        self.image_root = image_root
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
         self.num_workers = num_workers
@@ -182,38 +212,69 @@ class ImageTextDataModule(LightningDataModule):
         self.pin_memory = pin_memory
         self.drop_last = drop_last
         self.captions_per_image = captions_per_image
+        self.eval_captions = eval_captions
+        self.sampler = FrameSampler(num_frames)
         self.on_error = on_error
         self.validate_images = validate_images
-        self.check_files = check_files
-        self.samples_per_epoch = samples_per_epoch
-        self.shuffle_buffer = shuffle_buffer
         self.max_train_samples = max_train_samples
         self.max_eval_images = max_eval_images
         self.seed = seed
         self.image_cache_dir = image_cache_dir
-        self._read_options: dict[str, Any] = {
-            "image_root": image_root,
-            "restval_split": restval_split,
-            "image_column": image_column,
-            "caption_column": caption_column,
-            "group_column": group_column,
-            "split_column": split_column,
-            "label_column": label_column,
-            "separator": separator,
-        }
-        self._synthetic_options = {
-            "num_train": synthetic_train,
-            "num_val": synthetic_val,
-            "num_test": synthetic_test,
-            "image_size": synthetic_image_size,
-            "seed": seed,
-        }
         self.preprocessing: Preprocessing | None = None
         self._report = SkipReport()
         self._logged_skips = 0
-        self._synthetic: SyntheticScenes | None = None
-        self._files: dict[tuple[str, str], list[ImageCaptionRecord]] = {}
-        self._records: dict[Role, list[ImageCaptionRecord]] = {}
+        self._read: dict[tuple[int, str], list[ImageCaptionRecord]] = {}
+        self._records: dict[Role, list[ImageCaptionRecord] | None] = {}
+
+    def _resolve_sources(
+        self,
+        source: Source | str | None,
+        val_source: Source | str | None,
+        test_source: Source | str | None,
+        legacy: dict[str, Any],
+        seed: int,
+    ) -> dict[Role, Source]:
+        """One :class:`Source` per role; deprecated strings are converted (with a warning)."""
+        made: dict[str, Source] = {}
+
+        def resolve(value: Source | str | None, name: str) -> Source:
+            if isinstance(value, Source):
+                return value
+            if value is None:  # the default: generated data, no files (legacy synthetic_* options apply)
+                value = "synthetic"
+                if not any(option.startswith("synthetic_") for option in legacy):
+                    made.setdefault(
+                        value, Synthetic(seed=seed, held_out_fraction=self.default_held_out_fraction)
+                    )
+            if not isinstance(value, str):
+                raise TypeError(
+                    f"{name} must be a Source (class_path + init_args), got {type(value).__name__}"
+                )
+            if value not in made:
+                made[value] = legacy_source(value, name, legacy, seed, self)
+            return made[value]
+
+        if legacy and isinstance(source, Synthetic) and all(o.startswith("synthetic_") for o in legacy):
+            source = legacy_source("synthetic", "source", legacy, source.seed, self, base=source)
+            legacy = {}
+        if legacy and not any(isinstance(value, str) for value in (source, val_source, test_source)):
+            only_synthetic = all(option.startswith("synthetic_") for option in legacy) and source is None
+            if not only_synthetic:
+                raise ValueError(
+                    f"{', '.join(sorted(legacy))}: deprecated option(s) of a string source, but the "
+                    "sources are "
+                    "Source objects; set them in the source's init_args instead (see docs/datasets.md)"
+                )
+        train = resolve(source, "source")
+        return {
+            "train": train,
+            "val": resolve(val_source, "val_source") if val_source is not None else train,
+            "test": resolve(test_source, "test_source") if test_source is not None else train,
+        }
+
+    def legacy_table_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Table options the deprecated string form adds (the classification module's differ)."""
+        return {}
 
     # -----------------------------------------------------------------------------------------------------
     # Wiring
@@ -231,7 +292,7 @@ class ImageTextDataModule(LightningDataModule):
     def _require_preprocessing(self) -> Preprocessing:
         if self.preprocessing is None:
             raise RuntimeError(
-                "ImageTextDataModule has no preprocessing: the model must call "
+                f"{type(self).__name__} has no preprocessing: the model must call "
                 "datamodule.attach_preprocessing(preprocessing) before dataloaders are built (for example in "
                 "its setup hook); the towers own the image transforms and the tokenizer"
             )
@@ -243,22 +304,16 @@ class ImageTextDataModule(LightningDataModule):
         return self._report
 
     @property
-    def synthetic(self) -> SyntheticScenes | None:
-        """The synthetic dataset when a source is ``"synthetic"``, else None."""
-        if self._synthetic is None and "synthetic" in self.sources.values():
-            self._synthetic = SyntheticScenes(**self._synthetic_options)
-        return self._synthetic
+    def num_frames(self) -> int:
+        """Frames sampled per video."""
+        return self.sampler.num_frames
 
     # -----------------------------------------------------------------------------------------------------
     # Reading
 
     def _is_stream(self, role: Role) -> bool:
         source = self.sources[role]
-        if source == "synthetic":
-            return False
-        # Only the name decides for "auto": detecting a JSON layout would parse the file.
-        streamed = self.format == "webdataset" or (self.format == "auto" and is_shard_pattern(source))
-        return role == "train" and streamed
+        return role == "train" and isinstance(source, StreamingSource) and source.streaming
 
     def setup(self, stage: str | None = None) -> None:
         """Read the splits a stage needs (once), validate them and log anything skipped.
@@ -272,7 +327,10 @@ class ImageTextDataModule(LightningDataModule):
         new_skips = self._report.total - self._logged_skips
         if new_skips:
             self._logged_skips = self._report.total
-            self._report.log(logger, f"ImageTextDataModule (on_error='skip', {new_skips} new)")
+            self._report.log(logger, f"{type(self).__name__} (on_error='skip', {new_skips} new)")
+
+    def _policy(self) -> ErrorPolicy:
+        return ErrorPolicy(self.on_error, self._report)
 
     def _load(self, role: Role) -> list[ImageCaptionRecord] | None:
         if role in self._records:
@@ -280,63 +338,54 @@ class ImageTextDataModule(LightningDataModule):
         split = self.split_names[role]
         if split is None:
             raise RuntimeError(f"the {role} split is disabled ({role}_split=None)")
-        if self._is_stream(role):
-            self._check_shards(self.sources[role])
-            return None
         source = self.sources[role]
-        if source == "synthetic":
-            synthetic = self.synthetic
-            assert synthetic is not None
-            records = synthetic.records(split)
-        else:
-            # Files without their own split field give their records the split they are read for; the main
-            # source is read once for all roles, so its records default to the training split.
-            default_split = self.split_names["train"] if source == self.sources["train"] else split
-            key = (source, str(default_split))
-            if key not in self._files:
-                self._files[key] = read_records(
-                    source,
-                    self.format,
-                    split=str(default_split),
-                    on_error=self.on_error,
-                    report=self._report,
-                    check_files=self.check_files,
-                    **self._read_options,
-                )
-            records = self._select_split(self._files[key], role, split, source, "a file")
+        if self._is_stream(role):
+            assert isinstance(source, StreamingSource)
+            source.prepare_stream(split, self._policy(), self.captions_per_image)  # e.g. count the samples
+            self._records[role] = None
+            return None
+        # Records without a split field belong to the training split when read from the main source, and to
+        # the split they are read for when read from a separate val/test source.
+        default_split = self.split_names["train"] if source is self.sources["train"] else split
+        key = (id(source), str(default_split))
+        if key not in self._read:
+            self._read[key] = source.records(str(default_split), self._policy())
+            skipped = self._report.total - self._logged_skips
+            logger.info(
+                "%s: %d item(s) read%s",
+                source.describe(),
+                len(self._read[key]),
+                f", {skipped} problem(s) skipped" if skipped else "",
+            )
+        records = self._select_split(self._read[key], role, split, source)
         self._records[role] = self._limit_and_check(records, role, split, source)
         return self._records[role]
 
     @staticmethod
     def _select_split(
-        records: list[ImageCaptionRecord], role: Role, split: str, source: str, kind: str
+        records: list[ImageCaptionRecord], role: Role, split: str, source: Source
     ) -> list[ImageCaptionRecord]:
         """The records of ``split``; the error for a missing split says how to point ``role`` elsewhere."""
         try:
-            return select_split(records, split, source=source)
+            return select_split(records, split, source=source.describe())
         except DataFormatError as err:
-            hint = f"; set {role}_source to {kind} of that split, or {role}_split=None to disable it"
+            hint = f"; set {role}_source to a source of that split, or {role}_split=None to disable it"
             raise DataFormatError(str(err) + (hint if role != "train" else "")) from None
 
     def _limit_and_check(
-        self, records: list[ImageCaptionRecord], role: Role, split: str, source: str
+        self, records: list[ImageCaptionRecord], role: Role, split: str, source: Source
     ) -> list[ImageCaptionRecord]:
-        """Cap an evaluation split at ``max_eval_images`` and, if asked, check that its images load."""
+        """Duplicate files, ``max_eval_images`` and, if asked, a decode of every image."""
+        records = check_duplicate_files(
+            records, source=source.describe(), refuse=role != "train", policy=self._policy()
+        )
         if role != "train" and self.max_eval_images is not None:
             records = records[: self.max_eval_images]
         if self.validate_images:
             records = check_images(records, on_error=self.on_error, report=self._report)
             if not records:
-                raise DataFormatError(f"{source}: no image of split {split!r} could be loaded")
+                raise DataFormatError(f"{source.describe()}: no image of split {split!r} could be loaded")
         return records
-
-    @staticmethod
-    def _check_shards(pattern: str) -> None:
-        urls = expand_shards(pattern)
-        missing = missing_local_shards(urls)
-        if missing:
-            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise DataFormatError(f"{pattern}: {len(missing)} of {len(urls)} shard(s) not found: {shown}")
 
     def records(self, role: Role) -> list[ImageCaptionRecord]:
         """The records of the training, validation or test split (read on first use).
@@ -345,63 +394,58 @@ class ImageTextDataModule(LightningDataModule):
             role: ``"train"``, ``"val"`` or ``"test"``.
 
         Returns:
-            The records after validation and ``max_eval_images``.
+            The records after validation, duplicate checks and ``max_eval_images``.
 
         Raises:
             RuntimeError: If the split is disabled or streamed (training on shards).
         """
         records = self._load(role)
         if records is None:
-            raise RuntimeError(f"the {role} split streams from shards and has no record list")
+            raise RuntimeError(
+                f"the {role} split streams from {self.sources[role].describe()} and has no record list (set "
+                "streaming: false on the source to list it)"
+            )
         return records
 
     def class_names(self, role: Role = "test") -> list[str]:
-        """Class names for zero-shot classification: all synthetic classes, or the sorted labels of a split.
-
-        Args:
-            role: Split whose labels are listed (ignored for the synthetic source, which has fixed classes).
-
-        Returns:
-            The class names.
+        """Class names for zero-shot classification: the source's fixed classes, or a split's labels (sorted).
 
         Raises:
             DataFormatError: If no record of the split has a label.
         """
-        if self.sources[role] == "synthetic":
-            synthetic = self.synthetic
-            assert synthetic is not None
-            return synthetic.class_names
+        fixed = self.sources[role].class_names()
+        if fixed is not None:
+            return fixed
         labels = sorted({record.label for record in self.records(role) if record.label is not None})
         if not labels:
             raise DataFormatError(
-                f"{self.sources[role]}: no labels in split {self.split_names[role]!r} (set label_column)"
+                f"{self.sources[role].describe()}: no labels in split {self.split_names[role]!r} (a table "
+                "source needs label_column)"
             )
         return labels
 
     def evaluation_texts(self, stage: str) -> list[str]:
-        """Every caption an evaluation stage's dataloader yields, in loader order (captions of image 0, ...).
+        """Every caption an evaluation stage's dataloader yields, in loader order (captions of item 0, ...).
 
         Lets a model prepare for the texts it will encode (e.g. APEX's text bank) before the loop starts.
 
         Args:
-            stage: ``"validate"`` (or ``"val"``), ``"test"`` or ``"predict"``.
+            stage: ``"validate"`` (or ``"val"``, ``"fit"``), ``"test"`` or ``"predict"``.
 
         Returns:
-            The captions, or an empty list when the stage's split is disabled.
+            The captions (one per item under ``eval_captions="one"``), or an empty list when the stage's split
+            is disabled.
         """
-        roles: dict[str, Role] = {
-            "validate": "val",
-            "val": "val",
-            "fit": "val",
-            "test": "test",
-            "predict": "test",
-        }
-        if stage not in roles:
-            raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(roles)}")
-        role = roles[stage]
+        if stage not in _EVAL_ROLE:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(_EVAL_ROLE)}")
+        role = _EVAL_ROLE[stage]
         if self.split_names[role] is None:
             return []
-        return [caption for record in self.records(role) for caption in record.captions]
+        return evaluation_captions(self.records(role), self.eval_captions)
+
+    def training_texts(self) -> list[str]:
+        """Every caption of the training split (APEX builds its bank of training-text embeddings)."""
+        return [caption for record in self.records("train") for caption in record.captions]
 
     # -----------------------------------------------------------------------------------------------------
     # Dataloaders
@@ -410,9 +454,9 @@ class ImageTextDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return trainer.current_epoch if trainer is not None else None
 
-    def _rank_and_world(self) -> tuple[int | None, int | None]:
+    def _rank_and_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (None, None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _worker_options(self) -> dict[str, Any]:
         return {
@@ -425,24 +469,23 @@ class ImageTextDataModule(LightningDataModule):
         """Training batches (the training layout of :mod:`pefttune.data.preprocessing`)."""
         preprocessing = self._require_preprocessing()
         collate = TrainCollate(preprocessing.tokenize)
+        rank, world_size = self._rank_and_world()
+        source = self.sources["train"]
         if self._is_stream("train"):
-            self._load("train")
-            rank, world_size = self._rank_and_world()
-            per_epoch = self.samples_per_epoch
-            if self.max_train_samples is not None:
-                per_epoch = min(per_epoch or self.max_train_samples, self.max_train_samples)
-            stream = WebDatasetStream(
-                self.sources["train"],
+            assert isinstance(source, StreamingSource)
+            stream = source.training_stream(
                 split=str(self.split_names["train"]),
                 captions_per_image=self.captions_per_image,
-                transform=preprocessing.train_transform,
+                load_item=ItemLoader(preprocessing.train_transform, self.sampler),
                 seed=self.seed,
-                samples_per_epoch=per_epoch,
                 batch_size=self.batch_size,
-                shuffle_buffer=self.shuffle_buffer,
+                drop_last=self.drop_last,
+                num_workers=self.num_workers,
                 on_error=self.on_error,
                 rank=rank,
                 world_size=world_size,
+                max_items=self.max_train_samples,
+                report=self._report,
             )
             return EpochDataLoader(
                 stream,
@@ -458,16 +501,10 @@ class ImageTextDataModule(LightningDataModule):
             transform=preprocessing.train_transform,
             seed=self.seed,
             max_items=self.max_train_samples,
+            sampler=self.sampler,
         )
+        self._check_enough(len(dataset), world_size, source)
         self._use_image_cache(dataset, preprocessing.train_transform, training=True)
-        _, world_size = self._rank_and_world()
-        per_rank = len(dataset) // (world_size or 1)
-        if self.drop_last and per_rank < self.batch_size:
-            raise DataFormatError(
-                f"{self.sources['train']}: the training split has {len(dataset)} items ({per_rank} per "
-                f"rank), fewer than batch_size={self.batch_size} with drop_last=True, so no batch would be "
-                "produced; lower batch_size or set drop_last=False"
-            )
         return EpochDataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -479,11 +516,26 @@ class ImageTextDataModule(LightningDataModule):
             **self._worker_options(),
         )
 
+    def _check_enough(self, items: int, world_size: int, source: Source) -> None:
+        per_rank = items // max(1, world_size)
+        if self.drop_last and per_rank < self.batch_size:
+            raise DataFormatError(
+                f"{source.describe()}: the training split has {items} items ({per_rank} per rank), "
+                "fewer than "
+                f"batch_size={self.batch_size} with drop_last=True, so no batch would be produced; lower "
+                "batch_size or set drop_last=False"
+            )
+
     def _eval_dataloader(self, role: Role) -> DataLoader | list[Any]:
         if self.split_names[role] is None:
             return []  # Lightning runs no loop for an empty list of dataloaders
         preprocessing = self._require_preprocessing()
-        dataset = ImageWithCaptionsDataset(self.records(role), transform=preprocessing.eval_transform)
+        dataset = ImageWithCaptionsDataset(
+            self.records(role),
+            transform=preprocessing.eval_transform,
+            eval_captions=self.eval_captions,
+            sampler=self.sampler,
+        )
         self._use_image_cache(dataset, preprocessing.eval_transform, training=False)
         return DataLoader(
             dataset,
@@ -499,7 +551,7 @@ class ImageTextDataModule(LightningDataModule):
         if self.image_cache_dir is None:
             return
         prefix, _ = split_transform(transform)
-        if training and len(prefix.transforms) == 1:
+        if training and not resizes_or_crops(prefix):
             logger.info(
                 "image_cache_dir: training images are decoded every epoch (the training transform's first "
                 "step after the conversion to a tensor is random, so there is nothing fixed to cache)"

@@ -1,27 +1,32 @@
-"""Datasets over records, image loading, and the collate functions that build the batch layouts.
+"""Datasets over records, image and frame loading, and the collate functions that build the batch layouts.
 
 - :class:`PairDataset` (training): one item per image-caption pair (``captions_per_image="all"``), or one item
   per image with a caption drawn afresh each epoch (``"sample"``, seeded; call :meth:`PairDataset.set_epoch`).
-- :class:`ImageWithCaptionsDataset` (evaluation): each image once, with all of its captions.
-- :class:`WebDatasetStream` (training on tar shards): streams samples, split by rank and worker.
+- :class:`ImageWithCaptionsDataset` (evaluation): each image once, with all of its captions (or the one
+  caption of the one-caption protocol, ``eval_captions="one"``).
+- :class:`ItemLoader`: loads a record's image, or samples and loads a video's frames
+  (:mod:`pefttune.data.video`), and applies the transform (the same random augmentation to every frame of a
+  clip).
 - :class:`TrainCollate` / :class:`EvalCollate`: tokenize with the attached
   :class:`~pefttune.data.preprocessing.Preprocessing` and build the batches documented there.
+- :class:`EpochDataLoader`: tells the dataset the epoch, reseeds the shuffle and resumes mid-epoch.
 
 Ids (all ``torch.long``). For map-style datasets: ``image_ids`` are record positions in the dataset,
 ``caption_ids`` number all captions of the dataset (image-major), and ``text_ids`` number the distinct
 *normalised* caption strings (lower case, whitespace collapsed) in order of first appearance. They are
 functions of the index only, so the duplicates a ``DistributedSampler`` pads with carry the same ids as the
-originals and metrics can drop them by id. :class:`WebDatasetStream` cannot number a stream globally, so its
-ids are stable 63-bit hashes of the sample key, of ``(key, caption position)`` and of the normalised caption.
+originals and metrics can drop them by id. Streams (:mod:`pefttune.data.sources.webdataset`) cannot number
+globally: their ids are stable 63-bit hashes (:func:`stable_id`) of the key, of ``(key, caption position)``
+and of the normalised caption.
 
 Images are converted to RGB by :func:`to_rgb` (EXIF orientation applied; transparency composited on white;
-16-bit grey scaled to 8 bits). A missing, empty or undecodable image raises :class:`ImageLoadError` naming the
-file and the record, whatever ``on_error`` is: a map-style dataset cannot drop an item mid-epoch without
-changing the number of batches per rank under DDP or silently substituting another sample. To skip bad
-images instead, check them up front with :func:`check_images` (the data module's ``validate_images=True``),
-which decodes every image once and, under ``on_error="skip"``, drops and reports the unreadable ones. Streams
-are the exception: :class:`WebDatasetStream` skips (and logs) undecodable samples under ``on_error="skip"``,
-since a stream has no fixed index to keep.
+16-bit grey scaled to 8 bits). A missing, empty or undecodable image (or video) raises
+:class:`ImageLoadError` naming the file and the record, whatever ``on_error`` is: a map-style dataset cannot
+drop an item mid-epoch without changing the number of batches per rank under DDP or silently substituting
+another sample. To skip bad images instead, check them up front with :func:`check_images` (the data module's
+``validate_images=True``), which decodes every image (a video: its frame count and first frame) once and,
+under ``on_error="skip"``, drops and reports the unreadable ones. Streams skip (and count) undecodable
+samples under ``on_error="skip"``, since a stream has no fixed index to keep.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import io
 import itertools
 import logging
 import os
+import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -38,10 +44,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from pefttune.data.cache import CachedImageSource, SharedIdSet
-from pefttune.data.formats import TarMemberImage, expand_shards, iter_tar_samples, sample_to_record
+from pefttune.data.cache import SharedIdSet
 from pefttune.data.preprocessing import ImageTransform, Tokenize
 from pefttune.data.records import (
     DataFormatError,
@@ -52,12 +57,13 @@ from pefttune.data.records import (
     OnError,
     SkipReport,
     normalize_caption,
-    validate_records,
 )
+from pefttune.data.video import FrameSampler, Video
 
 logger = logging.getLogger(__name__)
 
 CaptionsPerImage = Literal["all", "sample"]
+EvalCaptions = Literal["all", "one"]
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -140,7 +146,7 @@ def load_image(source: ImageSource, *, record: str = "image") -> Image.Image:
         if len(source) == 0:
             raise ImageLoadError(f"image bytes are empty ({record})")
         name = "image bytes"
-    elif isinstance(source, TarMemberImage):
+    elif hasattr(source, "shard") and hasattr(source, "member"):  # a lazy tar member
         name = f"{source.shard} member {source.member!r}"
     elif callable(source):
         name = "image callable"
@@ -197,11 +203,17 @@ def check_images(
         ImageLoadError: Under ``on_error="raise"``.
     """
 
-    def attempt(record: ImageCaptionRecord) -> str | None:
+    def attempt(record: ImageCaptionRecord) -> ImageLoadError | None:
         try:
-            load_image(record.image, record=record.describe())
+            if isinstance(record.image, Video):
+                # A video is usable when it has a frame and its first frame decodes.
+                if record.image.num_frames() < 1:
+                    raise ImageLoadError(f"{record.image.describe()}: no frames ({record.describe()})")
+                record.image.read_frames([0])
+            else:
+                load_image(record.image, record=record.describe())
         except ImageLoadError as err:
-            return str(err)
+            return type(err)(f"{err} ({record.describe()})") if isinstance(record.image, Video) else err
         return None
 
     threads = num_threads or min(8, os.cpu_count() or 1)
@@ -213,7 +225,8 @@ def check_images(
         if error is None:
             kept.append(record)
         else:
-            policy.fail("unreadable_image", error, ImageLoadError)
+            video = isinstance(record.image, Video)
+            policy.fail("unreadable_video" if video else "unreadable_image", str(error), type(error))
     return kept
 
 
@@ -265,34 +278,109 @@ class CaptionIndex:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Loading an item's pixels
+
+
+def _same_augmentation(transform: ImageTransform, frames: Sequence[Image.Image]) -> list[torch.Tensor]:
+    """Apply a (random) transform to every frame of a clip with the same random draws.
+
+    Transforms draw from torch's and Python's global generators (torchvision, timm); both are reseeded with
+    one seed per clip before each frame, and restored afterwards, so the clip gets one crop, one flip, ...
+    """
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    python_state = random.getstate()
+    outputs = []
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for frame in frames:
+                torch.manual_seed(seed)
+                random.seed(seed)
+                outputs.append(transform(frame))
+    finally:
+        random.setstate(python_state)
+    return outputs
+
+
+class ItemLoader:
+    """Loads a record's pixels and applies the transform: an image, or a video's sampled frames.
+
+    Image records give ``{"image": tensor [3, H, W]}``. Video records give ``{"image": [T, 3, H, W],
+    "frame_mask": [T] bool, "frame_indices": [T] long}``: ``T = sampler.num_frames`` frames chosen by the
+    :class:`~pefttune.data.video.FrameSampler` (random offsets when an ``rng`` is given, segment centres
+    otherwise), one random augmentation for the whole clip, and zero padding (mask False, index -1) after the
+    frames of a clip shorter than ``T``.
+
+    Args:
+        transform: Image transform (PIL -> tensor), or None to return PIL images (tests, inspection).
+        sampler: Frame sampler for video records.
+    """
+
+    def __init__(self, transform: ImageTransform | None, sampler: FrameSampler | None = None) -> None:
+        self.transform = transform
+        self.sampler = sampler if sampler is not None else FrameSampler()
+        # A decoded-image cache (pefttune.data.cache, set by the data module): ``load(source, decode)`` gives
+        # the transformed image, decoding with ``decode()`` only on a miss. Images only (not video frames).
+        self.image_cache: Any = None
+
+    def __call__(self, record: ImageCaptionRecord, rng: np.random.Generator | None = None) -> dict[str, Any]:
+        """Load and transform; ``rng`` draws the training frame offsets (None: evaluation)."""
+        if not isinstance(record.image, Video):
+            if self.image_cache is not None:
+                decode = lambda: load_image(record.image, record=record.describe())  # noqa: E731
+                return {"image": self.image_cache.load(record.image, decode)}
+            image = load_image(record.image, record=record.describe())
+            return {"image": self.transform(image) if self.transform is not None else image}
+        try:
+            sampled = self.sampler.sample(record.image, rng=rng)
+        except ImageLoadError as err:
+            raise type(err)(f"{err} ({record.describe()})") from err
+        frames: list[Any] = list(sampled.frames)
+        if self.transform is not None:
+            frames = _same_augmentation(self.transform, sampled.frames)
+        slots, count = sampled.num_slots, len(frames)
+        mask = torch.zeros(slots, dtype=torch.bool)
+        mask[:count] = True
+        indices = torch.full((slots,), -1, dtype=torch.long)
+        indices[:count] = torch.tensor(sampled.indices, dtype=torch.long)
+        if self.transform is not None:
+            stacked = torch.stack(frames)
+            if count < slots:
+                padding = stacked.new_zeros((slots - count, *stacked.shape[1:]))
+                stacked = torch.cat([stacked, padding])
+            return {"image": stacked, "frame_mask": mask, "frame_indices": indices}
+        return {"image": frames, "frame_mask": mask, "frame_indices": indices}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Map-style datasets
 
 
 class _RecordDataset(Dataset):
-    def __init__(self, records: Sequence[ImageCaptionRecord], transform: ImageTransform | None) -> None:
+    def __init__(self, records: Sequence[ImageCaptionRecord], loader: ItemLoader) -> None:
         self.index = CaptionIndex(records)
-        self.transform = transform
-        # Set by the data module to serve images from a decoded-image cache (pefttune.data.cache).
-        self.image_cache: CachedImageSource | None = None
+        self.loader = loader
 
     @property
     def records(self) -> list[ImageCaptionRecord]:
         """The records the dataset serves."""
         return self.index.records
 
-    def _image(self, record: ImageCaptionRecord) -> Any:
-        if self.image_cache is not None:
-            decode = lambda: load_image(record.image, record=record.describe())  # noqa: E731
-            return self.image_cache.load(record.image, decode)
-        image = load_image(record.image, record=record.describe())
-        return self.transform(image) if self.transform is not None else image
+    @property
+    def image_cache(self) -> Any:
+        """The loader's decoded-image cache (see :class:`ItemLoader`), or None."""
+        return self.loader.image_cache
+
+    @image_cache.setter
+    def image_cache(self, cache: Any) -> None:
+        self.loader.image_cache = cache
 
 
 class PairDataset(_RecordDataset):
     """Training pairs from records.
 
-    Items are dicts: ``image`` (the transformed tensor, or the PIL image when ``transform`` is None),
-    ``caption`` (str), ``image_id``, ``caption_id``, ``text_id`` (ints, see the module docstring).
+    Items are dicts: ``image`` (the transformed tensor, or the PIL image when the transform is None; for
+    video [T, 3, H, W] plus ``frame_mask`` and ``frame_indices``), ``caption`` (str), ``image_id``,
+    ``caption_id``, ``text_id`` (ints, see the module docstring).
 
     Args:
         records: The records of the training split.
@@ -300,8 +388,9 @@ class PairDataset(_RecordDataset):
             image, its caption drawn from ``(seed, epoch, index)``, so it changes with :meth:`set_epoch` and
             is reproducible.
         transform: Image transform (the preprocessing's ``train_transform``), applied in ``__getitem__``.
-        seed: Seed of the caption draw.
+        seed: Seed of the caption draw and of the frame offsets.
         max_items: Keep only the first ``max_items`` items (quick runs).
+        sampler: Frame sampler for video records.
     """
 
     def __init__(
@@ -312,17 +401,18 @@ class PairDataset(_RecordDataset):
         transform: ImageTransform | None = None,
         seed: int = 0,
         max_items: int | None = None,
+        sampler: FrameSampler | None = None,
     ) -> None:
         if captions_per_image not in ("all", "sample"):
             raise ValueError(f"captions_per_image must be 'all' or 'sample', got {captions_per_image!r}")
-        super().__init__(records, transform)
+        super().__init__(records, ItemLoader(transform, sampler))
         self.captions_per_image = captions_per_image
         self.seed = seed
         full = self.index.num_captions if captions_per_image == "all" else len(self.index.records)
         self._length = full if max_items is None else max(0, min(full, max_items))
         # Shared memory, so that persistent DataLoader workers see the epoch set in the main process.
         self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
-        # Set by a model that caches a locked tower's image features (SkipsCachedImages protocol).
+        # Set by a model that caches a locked tower's image features (pefttune.data.cache.SkipsCachedImages).
         self.skip_images: SharedIdSet | None = None
         self._skipped_image: torch.Tensor | None = None
 
@@ -331,15 +421,22 @@ class PairDataset(_RecordDataset):
         """One more than the largest image id (ids are record positions)."""
         return len(self.index.records)
 
-    def _image_unless_skipped(self, record_index: int, record: ImageCaptionRecord) -> Any:
-        if self.skip_images is None or self.transform is None or record_index not in self.skip_images:
-            return self._image(record)
+    def _is_skipped(self, record_index: int, record: ImageCaptionRecord) -> bool:
+        return (
+            self.skip_images is not None
+            and self.loader.transform is not None
+            and not isinstance(record.image, Video)
+            and record_index in self.skip_images
+        )
+
+    def _skipped_item(self) -> dict[str, Any]:
+        """What a skipped image yields: NaN pixels in the transform's output shape."""
         if self._skipped_image is None:
             # The (deterministic) transform's output shape, from a blank image; NaN, so that it cannot pass
-            # for an image if it ever reached a tower.
-            shape = self.transform(Image.new("RGB", (8, 8))).shape
+            # for an image if it ever reached a tower (the model checks).
+            shape = self.loader.transform(Image.new("RGB", (8, 8))).shape
             self._skipped_image = torch.full(tuple(shape), float("nan"))
-        return self._skipped_image
+        return {"image": self._skipped_image}
 
     @property
     def epoch(self) -> int:
@@ -347,7 +444,7 @@ class PairDataset(_RecordDataset):
         return int(self._epoch[0])
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch of the caption draw (``"sample"`` mode; harmless otherwise)."""
+        """Set the epoch of the caption draw and frame offsets."""
         self._epoch[0] = int(epoch)
 
     def __len__(self) -> int:
@@ -364,8 +461,10 @@ class PairDataset(_RecordDataset):
             count = len(self.index.records[index].captions)
             position = int(np.random.default_rng([self.seed, self.epoch, index]).integers(count))
         record = self.index.records[record_index]
-        return {
-            "image": self._image_unless_skipped(record_index, record),
+        frame_rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+        skipped = self._is_skipped(record_index, record)
+        loaded = self._skipped_item() if skipped else self.loader(record, frame_rng)
+        return loaded | {
             "caption": record.captions[position],
             "image_id": record_index,
             "caption_id": int(self.index.caption_offsets[record_index]) + position,
@@ -374,270 +473,80 @@ class PairDataset(_RecordDataset):
 
 
 class ImageWithCaptionsDataset(_RecordDataset):
-    """Evaluation items: every image once, with all of its captions.
+    """Evaluation items: every image (or video) once, with its captions.
 
-    Items are dicts: ``image``, ``captions`` (list of str), ``image_id`` (int), ``caption_ids`` and
-    ``text_ids`` (lists of int, one per caption).
+    Items are dicts: ``image`` (and for video ``frame_mask``, ``frame_indices``), ``captions`` (list of str),
+    ``image_id`` (int), ``caption_ids`` and ``text_ids`` (lists of int, one per caption).
 
     Args:
         records: The records of an evaluation split.
         transform: Image transform (the preprocessing's ``eval_transform``).
-    """
-
-    def __init__(
-        self, records: Sequence[ImageCaptionRecord], *, transform: ImageTransform | None = None
-    ) -> None:
-        super().__init__(records, transform)
-
-    def __len__(self) -> int:
-        return len(self.index.records)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self.index.records[index]
-        first = int(self.index.caption_offsets[index])
-        return {
-            "image": self._image(record),
-            "captions": list(record.captions),
-            "image_id": index,
-            "caption_ids": list(range(first, first + len(record.captions))),
-            "text_ids": list(self.index.text_ids[index]),
-        }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# WebDataset streaming
-
-
-def _distributed_rank_and_size() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-class WebDatasetStream(IterableDataset):
-    """Streams training pairs from WebDataset tar shards, split by rank and DataLoader worker.
-
-    Splitting: each epoch the shard list is shuffled with ``(seed, epoch)`` (the same order on every rank) and
-    dealt out round-robin to the ``world_size * num_workers`` readers. With fewer shards than readers, every
-    reader scans all shards and keeps every n-th sample instead. Either way each sample is read by exactly one
-    reader per pass.
-
-    Epoch length: with ``samples_per_epoch=None`` an epoch is one pass over the shards; ranks may then get
-    different numbers of batches, which stalls DDP unless shards hold equal numbers of samples. With
-    ``samples_per_epoch=N`` every rank yields exactly ``N // world_size`` items rounded down to whole
-    batches, split over workers in whole batches (so ``drop_last`` loses nothing); a reader that runs out
-    starts another pass over its shards (newly shuffled), as open_clip's resampled mode does. Then ``len()``
-    is defined.
-
-    Items are those of :class:`PairDataset`, with hashed ids (:func:`stable_id`). Sample keys must be unique
-    across shards. A shuffle buffer of ``shuffle_buffer`` items decorrelates neighbouring samples (and the
-    captions of one image); it holds encoded images, which are decoded only when an item leaves the buffer.
-
-    Resuming within an epoch is approximate: a stream has no index to restart from, so a resumed epoch starts
-    a fresh pass with that epoch's shuffle.
-
-    Args:
-        shards: Shard pattern (see :func:`~pefttune.data.formats.expand_shards`) or list of URLs.
-        split: Split name given to the records.
-        captions_per_image: ``"all"`` (one item per caption) or ``"sample"`` (one random caption per image).
-        transform: Image transform, applied when an item is yielded.
-        seed: Seed of shard order, shuffle buffer and caption draw.
-        samples_per_epoch: Items per epoch over all ranks, or None for one pass.
-        batch_size: Per-worker counts are multiples of this (the DataLoader's batch size).
-        shuffle_buffer: Size of the shuffle buffer (0 or 1 disables it).
-        on_error: ``"skip"`` drops, counts and logs bad samples and undecodable images; ``"raise"`` raises.
-        rank: This process's rank; None reads it from ``torch.distributed`` (set it explicitly when workers
-            are started with ``spawn``).
-        world_size: Number of ranks; None reads it from ``torch.distributed``.
+        eval_captions: ``"all"``: every caption of each item. ``"one"``: only the record's ``eval_caption``
+            (MSR-VTT 1k-A: the split file's sentence; else the first caption). Caption ids stay those of
+            the full caption list, so they are comparable between protocols.
+        sampler: Frame sampler for video records (segment centres: deterministic).
     """
 
     def __init__(
         self,
-        shards: str | Sequence[str],
+        records: Sequence[ImageCaptionRecord],
         *,
-        split: str = "train",
-        captions_per_image: CaptionsPerImage = "all",
         transform: ImageTransform | None = None,
-        seed: int = 0,
-        samples_per_epoch: int | None = None,
-        batch_size: int = 1,
-        shuffle_buffer: int = 1000,
-        on_error: OnError = "raise",
-        rank: int | None = None,
-        world_size: int | None = None,
+        eval_captions: EvalCaptions = "all",
+        sampler: FrameSampler | None = None,
     ) -> None:
-        self.urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
-        if not self.urls:
-            raise DataFormatError(f"no shards in {shards!r}")
-        if captions_per_image not in ("all", "sample"):
-            raise ValueError(f"captions_per_image must be 'all' or 'sample', got {captions_per_image!r}")
-        if samples_per_epoch is not None and samples_per_epoch <= 0:
-            raise ValueError(f"samples_per_epoch must be positive, got {samples_per_epoch}")
-        self.split = split
-        self.captions_per_image = captions_per_image
-        self.transform = transform
-        self.seed = seed
-        self.samples_per_epoch = samples_per_epoch
-        self.batch_size = max(1, batch_size)
-        self.shuffle_buffer = shuffle_buffer
-        self.on_error = on_error
-        self.rank = rank
-        self.world_size = world_size
-        self._warned = False
-        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
-
-    @property
-    def epoch(self) -> int:
-        """The epoch that seeds shard order, buffer and caption draw."""
-        return int(self._epoch[0])
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch (call in the main process before each pass; :class:`EpochDataLoader` does)."""
-        self._epoch[0] = int(epoch)
-        self._resolve_ranks()
-
-    def _resolve_ranks(self) -> tuple[int, int]:
-        if self.rank is None or self.world_size is None:
-            rank, world_size = _distributed_rank_and_size()
-            self.rank = rank if self.rank is None else self.rank
-            self.world_size = world_size if self.world_size is None else self.world_size
-        if self.world_size > 1 and self.samples_per_epoch is None and not self._warned:
-            self._warned = True
-            logger.warning(
-                "WebDatasetStream over %d ranks without samples_per_epoch: ranks may get different numbers "
-                "of batches, which stalls DDP unless every shard holds the same number of samples; set "
-                "samples_per_epoch",
-                self.world_size,
-            )
-        return self.rank, self.world_size
-
-    def _batches_per_rank(self) -> int:
-        _, world_size = self._resolve_ranks()
-        assert self.samples_per_epoch is not None
-        return self.samples_per_epoch // world_size // self.batch_size
+        if eval_captions not in ("all", "one"):
+            raise ValueError(f"eval_captions must be 'all' or 'one', got {eval_captions!r}")
+        super().__init__(records, ItemLoader(transform, sampler))
+        self.eval_captions = eval_captions
 
     def __len__(self) -> int:
-        if self.samples_per_epoch is None:
-            raise TypeError("WebDatasetStream has no length without samples_per_epoch")
-        return self._batches_per_rank() * self.batch_size
+        return len(self.index.records)
 
-    def _worker_quota(self, worker: int, num_workers: int) -> int | None:
-        if self.samples_per_epoch is None:
-            return None
-        batches = self._batches_per_rank()
-        return (batches // num_workers + (1 if worker < batches % num_workers else 0)) * self.batch_size
+    def positions(self, index: int) -> list[int]:
+        """Positions of the evaluated captions of record ``index``."""
+        record = self.index.records[index]
+        return [record.eval_caption] if self.eval_captions == "one" else list(range(len(record.captions)))
 
-    def _records(
-        self, reader: int, readers: int, policy: ErrorPolicy, cycle: bool
-    ) -> Iterator[ImageCaptionRecord]:
-        epoch = self.epoch
-        for pass_index in itertools.count():
-            order = np.random.default_rng([self.seed, epoch, pass_index]).permutation(len(self.urls))
-            shards = [self.urls[i] for i in order]
-            by_shard = len(shards) >= readers
-            mine = shards[reader::readers] if by_shard else shards
-            seen = kept = 0
-            for url in mine:
-                for key, files in iter_tar_samples(url, policy=policy if policy.skipping else None):
-                    seen += 1
-                    if not by_shard and (seen - 1) % readers != reader:
-                        continue
-                    record = sample_to_record(url, key, files, split=self.split, policy=policy)
-                    if record is None:
-                        continue
-                    valid = validate_records(
-                        [record],
-                        source=url,
-                        on_error=policy.on_error,
-                        report=policy.report,
-                        check_files=False,
-                    )
-                    if valid:
-                        kept += 1
-                        yield valid[0]
-            if not cycle:
-                return
-            if kept == 0:
-                raise DataFormatError(
-                    f"WebDatasetStream reader {reader} of {readers} found no usable samples in "
-                    f"{len(mine)} shard(s)"
-                )
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.index.records[index]
+        first = int(self.index.caption_offsets[index])
+        positions = self.positions(index)
+        return self.loader(record) | {
+            "captions": [record.captions[p] for p in positions],
+            "image_id": index,
+            "caption_ids": [first + p for p in positions],
+            "text_ids": [self.index.text_ids[index][p] for p in positions],
+        }
 
-    def _pairs(
-        self, records: Iterator[ImageCaptionRecord], rng: np.random.Generator
-    ) -> Iterator[tuple[Any, ...]]:
-        for record in records:
-            if self.captions_per_image == "all":
-                positions: Sequence[int] = range(len(record.captions))
-            else:
-                positions = [int(rng.integers(len(record.captions)))]
-            for position in positions:
-                yield record, position
 
-    def _shuffled(
-        self, items: Iterator[tuple[Any, ...]], rng: np.random.Generator
-    ) -> Iterator[tuple[Any, ...]]:
-        if self.shuffle_buffer <= 1:
-            yield from items
-            return
-        buffer: list[tuple[Any, ...]] = []
-        for item in items:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(item)
-                continue
-            chosen = int(rng.integers(len(buffer)))
-            buffer[chosen], item = item, buffer[chosen]
-            yield item
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, world_size = self._resolve_ranks()
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        reader, readers = rank * num_workers + worker, world_size * num_workers
-        quota = self._worker_quota(worker, num_workers)
-        if quota == 0:
-            return
-        policy = ErrorPolicy(self.on_error, SkipReport())
-        rng = np.random.default_rng([self.seed, self.epoch, reader, 1])
-        count = 0
-        try:
-            for record, position in self._shuffled(
-                self._pairs(self._records(reader, readers, policy, cycle=quota is not None), rng), rng
-            ):
-                try:
-                    image = load_image(record.image, record=record.describe())
-                except ImageLoadError as err:
-                    policy.fail("unreadable_image", str(err), ImageLoadError)
-                    continue
-                caption = record.captions[position]
-                yield {
-                    "image": self.transform(image) if self.transform is not None else image,
-                    "caption": caption,
-                    "image_id": stable_id(record.image_id),
-                    "caption_id": stable_id(f"{record.image_id}\x00{position}"),
-                    "text_id": stable_id(normalize_caption(caption)),
-                }
-                count += 1
-                if quota is not None and count >= quota:
-                    return
-        finally:
-            policy.report.log(logger, f"WebDatasetStream rank {rank} worker {worker} epoch {self.epoch}")
+def evaluation_captions(records: Sequence[ImageCaptionRecord], eval_captions: EvalCaptions) -> list[str]:
+    """The captions an evaluation loader yields, in order (see :class:`ImageWithCaptionsDataset`)."""
+    if eval_captions == "one":
+        return [record.captions[record.eval_caption] for record in records]
+    return [caption for record in records for caption in record.captions]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Collation and loading
 
 
-def _stack_images(items: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+def _stack_images(items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """``pixel_values`` [B, 3, H, W] (video: [B, T, 3, H, W] with ``frame_mask`` and ``frame_indices``)."""
     images = [item["image"] for item in items]
     if not all(isinstance(image, torch.Tensor) for image in images):
         raise TypeError(
             "the image transform must return tensors [3, H, W]; got "
             f"{type(images[0]).__name__} (was a Preprocessing attached to the dataset?)"
         )
-    return torch.stack(images)
+    videos = ["frame_mask" in item for item in items]
+    if any(videos) and not all(videos):
+        raise DataFormatError("a batch mixes images and videos; a data set must hold one or the other")
+    batch = {"pixel_values": torch.stack(images)}
+    if all(videos):
+        batch["frame_mask"] = torch.stack([item["frame_mask"] for item in items])
+        batch["frame_indices"] = torch.stack([item["frame_indices"] for item in items])
+    return batch
 
 
 def _tokenize(tokenize: Tokenize, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -665,8 +574,7 @@ class TrainCollate:
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Stack images, tokenize captions and gather ids."""
         input_ids, attention_mask = _tokenize(self.tokenize, [item["caption"] for item in items])
-        return {
-            "pixel_values": _stack_images(items),
+        return _stack_images(items) | {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "image_ids": _ids([item["image_id"] for item in items]),
@@ -691,8 +599,7 @@ class EvalCollate:
         """Stack images, tokenize every caption and gather ids."""
         captions = [caption for item in items for caption in item["captions"]]
         input_ids, attention_mask = _tokenize(self.tokenize, captions)
-        return {
-            "pixel_values": _stack_images(items),
+        return _stack_images(items) | {
             "image_ids": _ids([item["image_id"] for item in items]),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -706,18 +613,18 @@ class EpochDataLoader(DataLoader):
     """A DataLoader that tells its dataset the epoch before every pass, and resumes mid-epoch.
 
     Lightning calls ``set_epoch`` only on samplers; the caption draw of :class:`PairDataset` and the shard
-    order of :class:`WebDatasetStream` live in the dataset, so this loader calls ``dataset.set_epoch`` in
+    order of a WebDataset stream live in the dataset, so this loader calls ``dataset.set_epoch`` in
     ``__iter__`` (in the main process, before workers prefetch). With ``shuffle_seed`` it also reseeds its
     ``generator`` from ``(shuffle_seed, epoch)``, making the shuffle of each epoch reproducible, resumes
     included. Lightning can rebuild it with a ``DistributedSampler``: its extra arguments are attributes.
 
     Mid-epoch resume: the loader is stateful (``state_dict``/``load_state_dict``), so Lightning stores in
-    every checkpoint the epoch and how many batches of it the training steps consumed, and hands them back
-    on resume. The next pass over that epoch then skips those batches at the sampler (indices are drawn,
-    no item is loaded), so a resumed map-style epoch continues with exactly the batches the uninterrupted
-    run would have seen. A stream (:class:`WebDatasetStream`) has no index to skip: a resumed epoch starts a
-    fresh pass with that epoch's shuffle and Lightning stops it after the remaining number of batches, so
-    resuming a stream mid-epoch is approximate.
+    every checkpoint the epoch and how many batches of it the training steps consumed, and hands them back on
+    resume. The next pass over that epoch then skips those batches at the sampler (indices are drawn, no item
+    is loaded), so a resumed map-style epoch continues with exactly the batches the uninterrupted run would
+    have seen. A stream (:class:`~pefttune.data.sources.webdataset.WebDatasetStream`) has no index to skip: a
+    resumed epoch starts a fresh pass with that epoch's shuffle and Lightning stops it after the remaining
+    number of batches, so resuming a stream mid-epoch is approximate.
 
     Args:
         dataset: The dataset.

@@ -1,9 +1,9 @@
-"""The record every dataset reader emits, its validation, and the error policy for bad input.
+"""The record every source emits, its validation, and the error policy for bad input.
 
-Every format adapter (:mod:`pefttune.data.formats`, :mod:`pefttune.data.synthetic`) produces
-:class:`ImageCaptionRecord` objects: one per image, holding all of its captions. Training explodes or samples
-the captions; evaluation always uses the grouped form, so the "one caption or five?" question is settled in
-one place.
+Every source (:mod:`pefttune.data.sources`) produces :class:`ImageCaptionRecord` objects: one per visual item
+(an image or a :class:`~pefttune.data.video.Video`), holding all of its captions. Training explodes or samples
+the captions; evaluation uses the grouped form (all captions, or one per item under the ``"one"`` caption
+protocol), so the "one caption or five?" question is settled in one place.
 
 Bad input is handled by an :class:`ErrorPolicy`. With ``on_error="raise"`` (the default) the first problem
 raises a :class:`DataFormatError` naming the file, the record (index and image id) and what was expected.
@@ -18,17 +18,21 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Union
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from pefttune.data.video import Video
 
 logger = logging.getLogger(__name__)
 
 OnError = Literal["raise", "skip"]
 
 # A path, the encoded bytes of an image file, or a zero-argument callable returning a PIL image (the synthetic
-# dataset renders on the fly; WebDataset evaluation reads a tar member lazily).
-ImageSource = str | os.PathLike | bytes | Callable[[], Image.Image]
+# dataset renders on the fly; WebDataset evaluation reads a tar member lazily) -- or, for video, a `Video`
+# (pefttune.data.video): frames are sampled from it when the item is loaded.
+ImageSource = Union[str, os.PathLike, bytes, Callable[[], Image.Image], "Video"]
 
 
 class DataError(ValueError):
@@ -41,6 +45,10 @@ class DataFormatError(DataError):
 
 class ImageLoadError(DataError):
     """An image cannot be opened or decoded."""
+
+
+class VideoLoadError(ImageLoadError):
+    """A video (file or frame folder) cannot be opened, has no frames or a frame cannot be decoded."""
 
 
 # Reasons under which records or captions are skipped. Keys are stable (tests and logs use them); values say
@@ -56,22 +64,31 @@ SKIP_REASONS: dict[str, str] = {
     "unknown_image_id": "caption dropped: refers to an image id that is not listed",
     "missing_image": "record dropped: image file not found",
     "unreadable_image": "record dropped: image cannot be opened or decoded",
+    "missing_video": "record dropped: video file or frame folder not found",
+    "unreadable_video": "record dropped: video cannot be opened or decoded, or has no frames",
+    "unknown_video_id": "caption dropped: refers to a video id that is not listed",
     "bad_sample": "sample dropped: malformed WebDataset sample",
+    "duplicate_image_file": "record dropped: its image file is already used by another id in the split",
 }
 
 
 @dataclass
 class ImageCaptionRecord:
-    """One image with all of its captions.
+    """One visual item (an image or a video) with all of its captions.
+
+    The names say "image" for history; a video record is the same record whose ``image`` is a
+    :class:`~pefttune.data.video.Video` (see :attr:`is_video`), and ``image_id`` is the video id.
 
     Attributes:
-        image_id: Identifier of the image, unique within a dataset (all splits).
-        image: Where the pixels come from: a file path, the encoded bytes of an image file, or a zero-argument
-            callable returning a PIL image.
-        captions: The captions of the image, at least one, none empty.
-        split: Name of the split the image belongs to (``"train"``, ``"val"``, ``"test"``, ...).
-        label: Class name of the image (for zero-shot classification), or None.
+        image_id: Identifier of the item, unique within a dataset (all splits).
+        image: Where the pixels come from: a file path, the encoded bytes of an image file, a zero-argument
+            callable returning a PIL image, or a :class:`~pefttune.data.video.Video`.
+        captions: The captions of the item, at least one, none empty.
+        split: Name of the split the item belongs to (``"train"``, ``"val"``, ``"test"``, ...).
+        label: Class name of the item (for zero-shot classification), or None.
         origin: Where the record was read from, e.g. ``"captions.json, images[12]"``; used in error messages.
+        eval_caption: Index into ``captions`` of the caption evaluated under the one-caption-per-item protocol
+            (``eval_captions="one"``): the split file's sentence for MSR-VTT 1k-A, else the first caption.
     """
 
     image_id: str
@@ -80,6 +97,14 @@ class ImageCaptionRecord:
     split: str
     label: str | None = None
     origin: str | None = None
+    eval_caption: int = 0
+
+    @property
+    def is_video(self) -> bool:
+        """Whether the item is a video (its ``image`` is a :class:`~pefttune.data.video.Video`)."""
+        from pefttune.data.video import Video
+
+        return isinstance(self.image, Video)
 
     def describe(self) -> str:
         """Name the record for error messages: origin and image id."""
@@ -223,7 +248,8 @@ def validate_records(
         if not isinstance(record.split, str) or not record.split.strip():
             policy.fail("bad_value", f"{name}: split must be a non-empty string, got {record.split!r}")
             continue
-        captions = _clean_captions(record.captions, name, policy)
+        kept_positions = _clean_captions(record.captions, name, policy)
+        captions = [record.captions[position].strip() for position in kept_positions]
         if not captions:
             policy.fail("no_captions", f"{name}: no usable caption (expected at least one non-empty caption)")
             continue
@@ -241,23 +267,84 @@ def validate_records(
             )
             continue
         seen[record.image_id] = where
-        valid.append(replace(record, captions=captions))
+        # The one-caption protocol's caption keeps pointing at the same sentence after empty ones are dropped.
+        kept_eval = record.eval_caption in kept_positions
+        eval_caption = kept_positions.index(record.eval_caption) if kept_eval else 0
+        valid.append(replace(record, captions=captions, eval_caption=eval_caption))
     return valid
 
 
-def _clean_captions(captions: object, name: str, policy: ErrorPolicy) -> list[str]:
+def _clean_captions(captions: object, name: str, policy: ErrorPolicy) -> list[int]:
+    """Positions of the usable captions (strings, not empty); the others are reported through ``policy``."""
     if isinstance(captions, str) or not isinstance(captions, (list, tuple)):
         policy.fail("bad_value", f"{name}: captions must be a list of strings, got {type(captions).__name__}")
         return []
-    cleaned = []
+    kept = []
     for position, caption in enumerate(captions):
         if not isinstance(caption, str):
             policy.fail("bad_caption", f"{name}: caption {position} must be a string, got {caption!r}")
         elif not caption.strip():
             policy.fail("empty_caption", f"{name}: caption {position} is empty or whitespace-only")
         else:
-            cleaned.append(caption.strip())
-    return cleaned
+            kept.append(position)
+    return kept
+
+
+def check_duplicate_files(
+    records: list[ImageCaptionRecord], *, source: str, refuse: bool, policy: ErrorPolicy
+) -> list[ImageCaptionRecord]:
+    """Find the same image file (or video path) listed under several ids in one split.
+
+    Duplicates inflate or deflate retrieval scores: a query whose true item has a twin under another id is
+    scored wrong when it finds the twin. In a training split they are only logged (a warning with the
+    count); in an evaluation split (``refuse=True``) they raise, or under ``on_error="skip"`` every later
+    id of the same file is dropped and counted as ``"duplicate_image_file"``.
+
+    Only file paths are compared (bytes, callables and in-memory frames have no identity to compare).
+
+    Args:
+        records: The records of one split.
+        source: Name of the source, for messages.
+        refuse: Whether duplicates are an error (evaluation splits).
+        policy: The error policy.
+
+    Returns:
+        The records (without the later duplicates when they were skipped).
+
+    Raises:
+        DataFormatError: With ``refuse`` and ``on_error="raise"``, naming the first duplicate and the count.
+    """
+    first: dict[str, ImageCaptionRecord] = {}
+    duplicates: list[tuple[ImageCaptionRecord, ImageCaptionRecord]] = []
+    for record in records:
+        path = getattr(record.image, "path", record.image)  # a Video on disk has a path
+        if not isinstance(path, (str, os.PathLike)):
+            continue
+        key = os.path.normcase(os.path.abspath(os.fspath(path)))
+        if key in first:
+            duplicates.append((record, first[key]))
+        else:
+            first[key] = record
+    if not duplicates:
+        return records
+    record, original = duplicates[0]
+    summary = (
+        f"{source}: {len(duplicates)} record(s) of split {record.split!r} reuse a file already listed under "
+        f"another id, e.g. {record.describe()} and {original.describe()} share "
+        f"{os.fspath(getattr(record.image, 'path', record.image))}"
+    )
+    if not refuse:
+        logger.warning("%s; retrieval counts them as different items", summary)
+        return records
+    if not policy.skipping:
+        raise DataFormatError(
+            summary + "; an evaluation split must list each file once (duplicates make a correct retrieval "
+            "count as wrong); remove them or set on_error='skip' to drop the later ids"
+        )
+    dropped = {id(dup) for dup, _ in duplicates}
+    for dup, orig in duplicates:
+        policy.fail("duplicate_image_file", f"{dup.describe()}: same file as {orig.describe()}")
+    return [record for record in records if id(record) not in dropped]
 
 
 def select_split(records: list[ImageCaptionRecord], split: str, *, source: str) -> list[ImageCaptionRecord]:

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +24,15 @@ from pefttune.layers.prompts import (
     StripPromptTokens,
     TextContext,
 )
-from pefttune.strategies.base import AdaptationStrategy, TemperaturePolicy, unfreeze_projection
+from pefttune.strategies.base import (
+    AdaptationStrategy,
+    DualEncoder,
+    SizedImageTower,
+    TemperaturePolicy,
+    TrainingTexts,
+    unfreeze_projection,
+)
 from pefttune.towers.base import ImageTower, TextTower
-
-if TYPE_CHECKING:
-    from lightning.pytorch import Trainer
-
-    from pefttune.module import DualEncoderModule
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,15 @@ class APEX(AdaptationStrategy):
 
     prefix: ClassVar[str] = "apex_"
     default_temperature: ClassVar[TemperaturePolicy] = TemperaturePolicy(init=None, learnable=False)
+    # Evaluation-only options (the ensemble) and initialisation may differ from an adapter checkpoint's.
+    init_only_arguments: ClassVar[tuple[str, ...]] = (
+        "prompt_init_std",
+        "ensemble",
+        "ensemble_beta",
+        "ensemble_threshold",
+        "bank_seed",
+    )
+    uses_training_texts: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -200,18 +211,6 @@ class APEX(AdaptationStrategy):
         # same config load into a freshly built model, adapter-only ones included.
         self.register_buffer("apex_text_bank", torch.zeros(0, 0), persistent=True)
         self.register_buffer("apex_text_bank_rows", torch.tensor(0), persistent=True)
-        #: The arguments that define the trained tensors, kept in adapter-only checkpoints
-        #: (:mod:`pefttune.checkpointing`); the evaluation-only options may differ when loading.
-        self.init_args: dict[str, Any] = {
-            "visual_prompt_tokens": visual_prompt_tokens,
-            "visual_prompt_depth": visual_prompt_depth,
-            "pixel_prompt_pad": pixel_prompt_pad,
-            "text_context_init": text_context_init,
-            "text_context_length": text_context_length,
-            "train_projections": train_projections,
-            "bank_size": bank_size,
-            "reference_prompts": reference_prompts,
-        }
         # Plain lists: the modules live in the towers, registering them here would duplicate their weights.
         self._visual_modules: list[nn.Module] = []
         self._context_modules: list[TextContext] = []
@@ -240,12 +239,12 @@ class APEX(AdaptationStrategy):
         reference = self.reference_prompts == "random"
         entry = tower.token_entry
         if entry is None:
-            size = getattr(tower, "image_size", None)
-            if size is None:
+            if not isinstance(tower, SizedImageTower):
                 raise ValueError(
                     f"{type(tower).__name__} has no token entry and no image_size: APEX's pixel padding "
                     "prompt needs the input size"
                 )
+            size = tower.image_size
             pad = self.pixel_prompt_pad
             if pad is None:
                 pad = max(1, round(_PIXEL_PAD_AT_224 * int(size) / 224))
@@ -390,18 +389,18 @@ class APEX(AdaptationStrategy):
         """Frozen-model embeddings of the training texts [N, D] (N = 0 before fitting)."""
         return self.apex_text_bank[: int(self.apex_text_bank_rows)]
 
-    def on_fit_start(self, module: DualEncoderModule, trainer: Trainer) -> None:
-        """Build the bank from the data module's training texts (kept when a checkpoint brought one)."""
+    def on_fit_start(self, module: DualEncoder, training_texts: TrainingTexts) -> None:
+        """Build the bank from the training texts (kept when a checkpoint brought one)."""
         if self.bank.shape[0] > 0:
             log.info("APEX: keeping the text bank of %d embeddings", self.bank.shape[0])
             return
-        texts = training_texts(getattr(trainer, "datamodule", None))
+        texts = list(training_texts)
         if not texts:
             log.warning("APEX: no training texts found; the ensemble will use the adapted model alone")
             return
         self.build_bank(module, texts)
 
-    def build_bank(self, module: DualEncoderModule, texts: Sequence[str]) -> torch.Tensor:
+    def build_bank(self, module: DualEncoder, texts: Sequence[str]) -> torch.Tensor:
         """Encode (a seeded sample of at most ``bank_size`` of) the distinct ``texts`` with the frozen model.
 
         Args:
@@ -422,7 +421,7 @@ class APEX(AdaptationStrategy):
         if len(distinct) > self.bank_size:
             chosen = sorted(random.Random(self.bank_seed).sample(range(len(distinct)), self.bank_size))
             distinct = [distinct[i] for i in chosen]
-        with _evaluation_mode(module), torch.no_grad():
+        with _evaluation_mode(module.text_tower), torch.no_grad():
             rows = [
                 self.frozen_text_embeddings(module, **self._tokenize(module, distinct[i : i + _ENCODE_CHUNK]))
                 for i in range(0, len(distinct), _ENCODE_CHUNK)
@@ -465,7 +464,7 @@ class APEX(AdaptationStrategy):
 
     # -- frozen features and ensemble weights ------------------------------------------------------
     def frozen_text_embeddings(
-        self, module: DualEncoderModule, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, module: DualEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """Normalised frozen-model text embeddings [T, D], in the space of the bank.
 
@@ -481,7 +480,7 @@ class APEX(AdaptationStrategy):
         return F.normalize(features.float(), dim=-1)
 
     def text_alpha(
-        self, module: DualEncoderModule, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, module: DualEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """The ensemble weight of each text [T] (1 without a bank)."""
         rows = input_ids.shape[0]
@@ -503,7 +502,7 @@ class APEX(AdaptationStrategy):
         return alpha
 
     # -- evaluation hooks --------------------------------------------------------------------------
-    def on_evaluation_start(self, module: DualEncoderModule, texts: list[str]) -> None:
+    def on_evaluation_start(self, module: DualEncoder, texts: Sequence[str]) -> None:
         """Compute every evaluated text's weight and their mean, the image-side weight."""
         self._alpha_cache = {}
         self._image_alpha = None
@@ -513,7 +512,7 @@ class APEX(AdaptationStrategy):
             self._warn_once("bank", "APEX: empty text bank (no fit yet?); evaluating the adapted model alone")
             self._image_alpha = 1.0
             return
-        texts = list(texts) or _evaluation_texts_from_datamodule(module)
+        texts = list(texts)
         if not texts:
             self._warn_once(
                 "texts", "APEX: the evaluated texts are unknown; the image side uses the prompted model alone"
@@ -534,9 +533,7 @@ class APEX(AdaptationStrategy):
             int((alpha >= 1.0).sum()),
         )
 
-    def evaluation_image_embeddings(
-        self, module: DualEncoderModule, pixel_values: torch.Tensor
-    ) -> torch.Tensor:
+    def evaluation_image_embeddings(self, module: DualEncoder, pixel_values: torch.Tensor) -> torch.Tensor:
         """``mean(alpha) * prompted + (1 - mean(alpha)) * frozen``, then normalised."""
         if not self.ensemble:
             return super().evaluation_image_embeddings(module, pixel_values)
@@ -553,7 +550,7 @@ class APEX(AdaptationStrategy):
         return F.normalize(alpha * prompted + (1.0 - alpha) * frozen, dim=-1)
 
     def evaluation_text_embeddings(
-        self, module: DualEncoderModule, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, module: DualEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """``alpha_c * adapted + (1 - alpha_c) * unadapted`` per text, then normalised."""
         if not self.ensemble:
@@ -567,49 +564,15 @@ class APEX(AdaptationStrategy):
 
     # -- helpers -----------------------------------------------------------------------------------
     @staticmethod
-    def _tokenize(module: DualEncoderModule, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def _tokenize(module: DualEncoder, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         batch = module.text_tower.tokenize(list(texts))
-        return {k: v.to(module.device) for k, v in batch.items()}
+        device = next(module.text_tower.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(message)
-
-
-def training_texts(datamodule: Any) -> list[str]:
-    """The training texts of a data module: its ``training_texts()``, else its training records' captions.
-
-    Returns an empty list when there is no data module or its training split streams from shards.
-    """
-    if datamodule is None:
-        return []
-    getter = getattr(datamodule, "training_texts", None)
-    if callable(getter):
-        return [str(t) for t in getter()]
-    records = getattr(datamodule, "records", None)
-    if not callable(records):
-        return []
-    try:
-        return [caption for record in records("train") for caption in record.captions]
-    except RuntimeError as error:
-        log.warning("APEX: cannot list the training captions (%s)", error)
-        return []
-
-
-def _evaluation_texts_from_datamodule(module: DualEncoderModule) -> list[str]:
-    """The captions of the split being evaluated, for data modules without ``evaluation_texts``."""
-    trainer = getattr(module, "_trainer", None)
-    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-    records = getattr(datamodule, "records", None)
-    if not callable(records):
-        return []
-    role = "val" if (trainer.sanity_checking or trainer.validating) else "test"
-    try:
-        return [caption for record in records(role) for caption in record.captions]
-    except (RuntimeError, ValueError, KeyError) as error:
-        log.warning("APEX: cannot list the evaluated captions (%s)", error)
-        return []
 
 
 def _text_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[int, ...]]:

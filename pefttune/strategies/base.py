@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
+import inspect
 import math
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -14,14 +17,83 @@ from torch import nn
 from pefttune.towers.base import ImageTower, TextTower, Tower
 
 if TYPE_CHECKING:
-    from lightning.pytorch import Trainer
-
     from pefttune.losses import ContrastiveLoss
-    from pefttune.module import DualEncoderModule
 
 PARAMETER_GROUPS = ("method", "backbone", "head", "temperature")
+#: The base class's own constructor arguments: how the method trains, never what its tensors compute.
+BASE_ARGUMENTS = ("temperature", "group_lr", "no_decay_norms_and_biases")
 TEMPERATURE_NAMES = ("logit_scale", "logit_bias")
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
+
+
+@runtime_checkable
+class DualEncoder(Protocol):
+    """What a strategy's hooks receive of the model: its two towers and their plain embeddings.
+
+    :class:`~pefttune.module.DualEncoderModule` is one; so is any object with these members (a test double,
+    an exported model). Hooks never get the LightningModule's trainer, logger or data module: what they need
+    from the data arrives as an argument (``training_texts``, the evaluated ``texts``).
+    """
+
+    @property
+    def image_tower(self) -> ImageTower:
+        """The (adapted) image tower."""
+        ...
+
+    @property
+    def text_tower(self) -> TextTower:
+        """The (adapted) text tower."""
+        ...
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings [B, D] through the adapted towers."""
+        ...
+
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text embeddings [T, D] through the adapted towers."""
+        ...
+
+
+TextKind = Literal["captions", "class_prompts"]
+
+
+@dataclass(frozen=True)
+class TrainingTexts:
+    """Every text training draws from, and what they are (a sequence of the texts).
+
+    Attributes:
+        texts: the texts, as training tokenizes them.
+        kind: ``captions`` (free captions of image-text data) or ``class_prompts`` (the prompts of the
+            training classes of a zero-shot classification data module). APEX's ensemble rule differs.
+    """
+
+    texts: tuple[str, ...] = ()
+    kind: TextKind = "captions"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("captions", "class_prompts"):
+            raise ValueError(f"kind must be 'captions' or 'class_prompts', got {self.kind!r}")
+        object.__setattr__(self, "texts", tuple(str(text) for text in self.texts))
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.texts)
+
+    def __getitem__(self, index: int) -> str:
+        return self.texts[index]
+
+
+@runtime_checkable
+class SizedImageTower(Protocol):
+    """An image tower that declares its square input resolution (``image_size`` pixels).
+
+    Every built-in image tower does; a method that works in pixel space (APEX's padding prompt on
+    convolutional towers) asks for it through this Protocol.
+    """
+
+    image_size: int
 
 
 @dataclass
@@ -48,7 +120,7 @@ class TemperaturePolicy:
 class AdaptationStrategy(nn.Module, abc.ABC):
     """How a method changes the towers, which parameters train and how they are optimised.
 
-    A strategy acts once, when the model is built (:meth:`apply`). During training nothing asks which
+    A strategy acts once, when the model is built (:meth:`attach`). During training nothing asks which
     strategy is running: the modules it inserted run inside the towers.
 
     A subclass overrides:
@@ -60,13 +132,22 @@ class AdaptationStrategy(nn.Module, abc.ABC):
     * ``default_temperature`` (class attribute, a :class:`TemperaturePolicy`); users may override it with
       the ``temperature`` argument.
     * :meth:`default_loss` (optional): the method's loss when the config names none (InfoNCE by default).
+    * ``init_only_arguments`` (class attribute): constructor arguments that only shape initialisation,
+      training or evaluation, which an adapter-only checkpoint need not match (see
+      :meth:`checkpoint_arguments`).
 
     And, rarely:
 
-    * :meth:`on_fit_start`: work that needs data or a trainer (APEX builds its text bank here).
+    * :meth:`on_fit_start`: work that needs the training data (APEX builds its text bank from the training
+      texts, which it asks for with ``uses_training_texts = True``).
     * :meth:`on_evaluation_start`, :meth:`evaluation_image_embeddings`, :meth:`evaluation_text_embeddings`:
       a different encoding at evaluation (APEX's ensemble).
-    * :meth:`merge` / :meth:`unmerge`: fold the method into the backbone weights (LoRA).
+    * :meth:`merge` / :meth:`unmerge` (and :attr:`merged`): fold the method into the backbone weights (LoRA).
+    * :meth:`checkpoint_arguments`: only when a constructor argument is not kept as an attribute of its name.
+
+    Hooks receive a :class:`DualEncoder` (the towers and their encoders), never the trainer. Each constructor
+    argument is stored under its own name (``self.width = width``). Built-in methods are also registered
+    in :mod:`pefttune.strategies.registry`.
 
     Args:
         temperature: overrides the method's default temperature policy.
@@ -79,6 +160,22 @@ class AdaptationStrategy(nn.Module, abc.ABC):
     default_temperature: ClassVar[TemperaturePolicy] = TemperaturePolicy()
     # Words a learned input-level text context plays (APEX: "a photo"); class prompts drop them.
     text_prompt_prefix: ClassVar[str] = ""
+    #: Constructor arguments left out of :meth:`checkpoint_arguments`: they change how the method starts,
+    #: trains or evaluates, not which tensors it holds nor what they compute, so a checkpoint may be loaded
+    #: into a model built with other values of them. The base class's own arguments are always left out.
+    init_only_arguments: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`on_fit_start` needs the training texts (the model then lists them from the data).
+    uses_training_texts: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        hook = vars(cls).get("on_fit_start")
+        if hook is not None and "trainer" in inspect.signature(hook).parameters:
+            # The hook used to take (module, trainer): an old override would silently get texts as a trainer.
+            raise TypeError(
+                f"{cls.__qualname__}.on_fit_start takes a trainer: the hook is now "
+                "on_fit_start(self, encoder, training_texts) (set uses_training_texts = True to receive them)"
+            )
 
     def __init__(
         self,
@@ -93,14 +190,14 @@ class AdaptationStrategy(nn.Module, abc.ABC):
             raise ValueError(f"group_lr names unknown groups {sorted(unknown)}; expected {PARAMETER_GROUPS}")
         self.group_lr = dict(group_lr or {})
         self.no_decay_norms_and_biases = no_decay_norms_and_biases
-        self._applied = False
+        self._attached = False
 
     # -- what subclasses override ------------------------------------------------------------------
     @abc.abstractmethod
     def adapt(self, image_tower: ImageTower, text_tower: TextTower) -> None:
         """Insert the method's modules into the towers and unfreeze what trains.
 
-        Called once by :meth:`apply`, with every tower parameter already frozen.
+        Called once by :meth:`attach`, with every tower parameter already frozen.
         """
 
     def default_loss(self) -> ContrastiveLoss:
@@ -109,10 +206,17 @@ class AdaptationStrategy(nn.Module, abc.ABC):
 
         return InfoNCELoss()
 
-    def on_fit_start(self, module: DualEncoderModule, trainer: Trainer) -> None:
-        """Called when fitting starts, with data available through ``trainer.datamodule``."""
+    def on_fit_start(self, encoder: DualEncoder, training_texts: TrainingTexts) -> None:
+        """Called when fitting starts, after the towers are on their device.
 
-    def on_evaluation_start(self, module: DualEncoderModule, texts: list[str]) -> None:
+        Args:
+            encoder: the model's towers and encoders.
+            training_texts: every text training draws from (captions or class prompts, see ``kind``) when
+                the class sets ``uses_training_texts``; otherwise empty, so that other methods pay nothing
+                for listing them.
+        """
+
+    def on_evaluation_start(self, encoder: DualEncoder, texts: Sequence[str]) -> None:
         """Called before each evaluation epoch with every text it will encode.
 
         ``texts`` are the captions of the evaluated split (retrieval) or the class prompts (zero-shot
@@ -120,17 +224,59 @@ class AdaptationStrategy(nn.Module, abc.ABC):
         weight, the mean over texts) prepare it here.
         """
 
-    def evaluation_image_embeddings(
-        self, module: DualEncoderModule, pixel_values: torch.Tensor
-    ) -> torch.Tensor:
+    def evaluation_image_embeddings(self, encoder: DualEncoder, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings at evaluation (the plain towers by default)."""
-        return module.encode_images(pixel_values)
+        return encoder.encode_images(pixel_values)
 
     def evaluation_text_embeddings(
-        self, module: DualEncoderModule, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, encoder: DualEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """Normalised text embeddings at evaluation (the plain towers by default)."""
-        return module.encode_texts(input_ids, attention_mask)
+        return encoder.encode_texts(input_ids, attention_mask)
+
+    @property
+    def merged(self) -> bool:
+        """True while the method's weights are folded into the backbone (see :meth:`merge`)."""
+        return False
+
+    def checkpoint_arguments(self) -> dict[str, Any]:
+        """The constructor arguments an adapter-only checkpoint records and must match when loaded.
+
+        By default every argument of the strategy's ``__init__`` (following ``**kwargs`` up through parent
+        strategies that forward them) except :data:`BASE_ARGUMENTS` and ``init_only_arguments``, read back
+        from the attribute of the same name, as scikit-learn's ``get_params`` does: store each constructor
+        argument as ``self.<name>``. Values are plain (lists, dicts, scalars; anything else as its
+        ``repr``), ready for JSON. Override this method when an argument is not kept under its own name.
+
+        Raises:
+            TypeError: when a recorded argument has no attribute of its name.
+        """
+        legacy = vars(self).get("init_args")
+        if isinstance(legacy, dict):
+            # Strategies written before this method kept a hand-written ``init_args`` dict.
+            warnings.warn(
+                f"{type(self).__name__}.init_args is deprecated: adapter checkpoints now record "
+                "AdaptationStrategy.checkpoint_arguments() (store each constructor argument as an attribute "
+                "of its name, list initialisation-only ones in init_only_arguments, and drop init_args)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return {str(k): plain_value(v) for k, v in legacy.items()}
+        skipped = set(BASE_ARGUMENTS) | set(self.init_only_arguments)
+        arguments: dict[str, Any] = {}
+        missing = object()
+        for name in constructor_arguments(type(self)):
+            if name in skipped:
+                continue
+            value = getattr(self, name, missing)
+            if value is missing:
+                raise TypeError(
+                    f"{type(self).__name__}.__init__ takes {name!r} but the strategy has no attribute "
+                    f"{name!r}: store the argument as self.{name}, list it in init_only_arguments, or "
+                    "override checkpoint_arguments()"
+                )
+            arguments[name] = plain_value(value)
+        return arguments
 
     def merge(self) -> None:
         """Fold the method's weights into the backbone (only methods that can, such as LoRA)."""
@@ -141,16 +287,35 @@ class AdaptationStrategy(nn.Module, abc.ABC):
         raise TypeError(f"{type(self).__name__} cannot merge its weights into the backbone")
 
     # -- shared behaviour --------------------------------------------------------------------------
-    def apply(self, image_tower: ImageTower, text_tower: TextTower) -> None:
+    def attach(self, image_tower: ImageTower, text_tower: TextTower) -> None:
         """Freeze both towers, then let the method adapt them. Called once, when the model is built."""
-        if self._applied:
-            raise RuntimeError(f"{type(self).__name__} was already applied to a model")
+        if self._attached:
+            raise RuntimeError(f"{type(self).__name__} was already attached to a model")
         if self.prefix and not self.prefix.endswith("_"):
             raise ValueError(f"{type(self).__name__}.prefix must end with '_' (got {self.prefix!r})")
         image_tower.requires_grad_(False)
         text_tower.requires_grad_(False)
         self.adapt(image_tower, text_tower)
-        self._applied = True
+        self._attached = True
+
+    def apply(  # type: ignore[override]
+        self, fn: Callable[[nn.Module], None] | ImageTower, text_tower: TextTower | None = None
+    ) -> AdaptationStrategy:
+        """:meth:`torch.nn.Module.apply`: call ``fn`` on every submodule, then on the strategy.
+
+        ``apply(image_tower, text_tower)``, the old name of :meth:`attach`, still attaches, with a
+        :class:`DeprecationWarning`; it used to hide ``nn.Module.apply``, so ``model.apply(fn)`` failed.
+        """
+        if text_tower is not None:
+            warnings.warn(
+                "AdaptationStrategy.apply(image_tower, text_tower) is deprecated: use "
+                "attach(image_tower, text_tower); apply(fn) is torch.nn.Module.apply again",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            self.attach(fn, text_tower)  # type: ignore[arg-type]
+            return self
+        return super().apply(fn)  # type: ignore[arg-type]
 
     def group_of(self, name: str) -> str:
         """The group of a parameter, from its name in the LightningModule."""
@@ -221,6 +386,43 @@ class AdaptationStrategy(nn.Module, abc.ABC):
         return keys
 
 
+def constructor_arguments(cls: type[AdaptationStrategy]) -> list[str]:
+    """The names a strategy class's constructor accepts, in order, through ``**kwargs`` forwarding.
+
+    A subclass whose ``__init__`` takes ``**kwargs`` hands them to its parent (the convention of every
+    strategy here, and what jsonargparse assumes), so the parent's arguments are accepted too.
+    """
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        forwards = False
+        for parameter in list(inspect.signature(vars(klass)["__init__"]).parameters.values())[1:]:
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                forwards = True
+            elif parameter.kind is not inspect.Parameter.VAR_POSITIONAL and parameter.name not in names:
+                names.append(parameter.name)
+        if klass is AdaptationStrategy or not forwards:
+            break
+    return names
+
+
+def plain_value(value: Any) -> Any:
+    """``value`` as JSON-ready containers and scalars (tuples become lists, dataclasses dicts).
+
+    Anything else becomes its ``repr``, which still compares equal between equal simple values.
+    """
+    if isinstance(value, dict):
+        return {str(k): plain_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_value(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return repr(value)
+
+
 def _no_decay_parameter_ids(module: nn.Module) -> set[int]:
     ids: set[int] = set()
     for submodule in module.modules():
@@ -249,10 +451,19 @@ def unfreeze_projection(tower: Tower) -> None:
     tower.projection.requires_grad_(True)
 
 
+@runtime_checkable
+class Resettable(Protocol):
+    """A layer that re-initialises its own parameters (PyTorch's convention: ``nn.Linear``, norms, ...)."""
+
+    def reset_parameters(self) -> None:
+        """Draw fresh initial parameters."""
+        ...
+
+
 def reset_parameters(module: nn.Module) -> None:
-    """Re-initialise every layer that knows how (``reset_parameters``): training from scratch."""
+    """Re-initialise every layer that knows how (:class:`Resettable`): training from scratch."""
     for submodule in module.modules():
-        if submodule is not module and hasattr(submodule, "reset_parameters"):
+        if submodule is not module and isinstance(submodule, Resettable):
             submodule.reset_parameters()
 
 

@@ -180,6 +180,7 @@ class CrossModalAdapter(AdaptationStrategy):
     default_temperature: ClassVar[TemperaturePolicy] = TemperaturePolicy(
         init=None, learnable=False, max_scale=None
     )
+    init_only_arguments: ClassVar[tuple[str, ...]] = ("init_std", "freeze_batchnorm_statistics")
 
     def __init__(
         self,
@@ -206,48 +207,56 @@ class CrossModalAdapter(AdaptationStrategy):
         self.init_std = init_std
         self.train_heads = train_heads
         self.freeze_batchnorm_statistics = freeze_batchnorm_statistics
-        #: The arguments that define the trained tensors, kept in adapter-only checkpoints
-        #: (:mod:`pefttune.checkpointing`); initialisation-only options may differ when loading.
-        self.init_args: dict[str, Any] = {
-            "bottleneck": bottleneck,
-            "shared_dim": shared_dim,
-            "train_heads": train_heads,
-        }
         self.cma_shared_up = nn.ModuleList()
         self.block_pairs: list[tuple[int, int]] = []
         self.shared_slots: list[SharedSlot] = []
 
     def adapt(self, image_tower: ImageTower, text_tower: TextTower) -> None:
-        """Insert the adapters into both towers, tie the shared rows, and unfreeze the adapters."""
+        """Create the shared rows of each block pair, insert the adapters into both towers, unfreeze them."""
         image_sites, text_sites = adapter_sites(image_tower), adapter_sites(text_tower)
+        shared = self._share_up_projections(image_sites, text_sites)
+        self.cma_shared_up.to(_parameter_device(image_tower)).requires_grad_(True)
+        self._insert_adapters(image_tower, image_sites, shared["image"])
+        self._insert_adapters(text_tower, text_sites, shared["text"])
+
+    def _share_up_projections(
+        self, image_sites: list[list[AdapterSite]], text_sites: list[list[AdapterSite]]
+    ) -> dict[str, dict[tuple[int, str], SharedUpProjection]]:
+        """Pair the blocks and create one shared projection per paired site (``cma_shared_up``).
+
+        Returns:
+            Per tower (``image``, ``text``), ``(block, position) -> rows`` for every site that shares.
+        """
         self.block_pairs = pair_blocks(len(image_sites), len(text_sites))
-        shared: dict[tuple[str, int, str], SharedUpProjection] = {}  # (tower, block, position) -> rows
+        shared: dict[str, dict[tuple[int, str], SharedUpProjection]] = {"image": {}, "text": {}}
         for index, (image_block, text_block) in enumerate(self.block_pairs):
             slots = nn.ModuleDict()
-            for key, image_site, text_site in _pair_positions(
-                image_sites[image_block], text_sites[text_block]
-            ):
+            pairs = _pair_positions(image_sites[image_block], text_sites[text_block])
+            for key, image_site, text_site in pairs:
                 if self.shared_dim == 0 or min(image_site.width, text_site.width) <= self.shared_dim:
                     continue
                 projection = SharedUpProjection(self.bottleneck, self.shared_dim, self.init_std)
                 slots[key] = projection
-                shared["image", image_block, image_site.position] = projection
-                shared["text", text_block, text_site.position] = projection
+                shared["image"][image_block, image_site.position] = projection
+                shared["text"][text_block, text_site.position] = projection
                 self.shared_slots.append(SharedSlot(index, key, image_site, text_site))
             self.cma_shared_up.append(slots)
-        self.cma_shared_up.to(_parameter_device(image_tower))
-        for modality, tower, sites in (("image", image_tower, image_sites), ("text", text_tower, text_sites)):
-            for site in (site for block in sites for site in block):
-                rows = shared.get((modality, site.block, site.position))
-                adapter = SharedUpAdapter(site.width, self.bottleneck, rows, self.init_std, site.layout)
-                adapter.to(_parameter_device(tower))
-                add_output_transform(site.host, site.attribute, adapter)
-                adapter.requires_grad_(True)
-            if self.train_heads:
-                unfreeze_projection(tower)
-            if self.freeze_batchnorm_statistics:
-                freeze_batchnorm_statistics(tower)
-        self.cma_shared_up.requires_grad_(True)
+        return shared
+
+    def _insert_adapters(
+        self, tower: Tower, sites: list[list[AdapterSite]], shared: dict[tuple[int, str], SharedUpProjection]
+    ) -> None:
+        """An adapter at every site of ``tower`` (with its shared rows, if any); heads and norms as set."""
+        for site in (site for block in sites for site in block):
+            rows = shared.get((site.block, site.position))
+            adapter = SharedUpAdapter(site.width, self.bottleneck, rows, self.init_std, site.layout)
+            adapter.to(_parameter_device(tower))
+            add_output_transform(site.host, site.attribute, adapter)
+            adapter.requires_grad_(True)
+        if self.train_heads:
+            unfreeze_projection(tower)
+        if self.freeze_batchnorm_statistics:
+            freeze_batchnorm_statistics(tower)
 
     def adapters(self, tower: Tower) -> list[SharedUpAdapter]:
         """The adapters inserted into ``tower``, in block order."""

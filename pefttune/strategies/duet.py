@@ -71,6 +71,9 @@ class DueT(AdaptationStrategy):
 
     prefix: ClassVar[str] = "duet_"
     default_temperature: ClassVar[TemperaturePolicy] = TemperaturePolicy(init=64.0, learnable=False)
+    # Adapter checkpoints must match the rest: they refuse units that compute otherwise with tensors of
+    # the same shapes (sentence vs token gate, pre- vs post-FFN LayerNorm).
+    init_only_arguments: ClassVar[tuple[str, ...]] = ("alpha_init", "init_std", "freeze_norm_statistics")
 
     def __init__(
         self,
@@ -103,18 +106,6 @@ class DueT(AdaptationStrategy):
         self.unit_norm = unit_norm
         self.init_std = init_std
         self.freeze_norm_statistics = freeze_norm_statistics
-        #: The arguments that define the units, kept in adapter-only checkpoints
-        #: (:mod:`pefttune.checkpointing`), so that a checkpoint refuses a model whose units compute otherwise
-        #: with tensors of the same shapes (sentence vs token gate, pre- vs post-FFN LayerNorm).
-        #: Initialisation-only options may differ.
-        self.init_args: dict[str, object] = {
-            "width": width,
-            "image_layers": image_layers if isinstance(image_layers, str) else list(image_layers),
-            "text_layers": text_layers if isinstance(text_layers, str) else list(text_layers),
-            "gate": gate,
-            "learn_alpha": learn_alpha,
-            "unit_norm": unit_norm,
-        }
 
     def adapt(self, image_tower: ImageTower, text_tower: TextTower) -> None:
         """Unfreeze both backbones' norms and both heads, then add a unit after each selected block."""

@@ -30,6 +30,8 @@ class LiT(AdaptationStrategy):
     """
 
     default_temperature: ClassVar[TemperaturePolicy] = TemperaturePolicy(init=10.0, learnable=True)
+    # The whole text tower trains and is in the checkpoint: where it started does not matter on loading.
+    init_only_arguments: ClassVar[tuple[str, ...]] = ("text_init",)
 
     def __init__(self, text_init: Literal["pretrained", "scratch"] = "pretrained", **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from pefttune.layers.frozen_batchnorm import freeze_batchnorm_statistics
-from pefttune.layers.split_qkv import QKV_PARTS, SplitQKV
+from pefttune.layers.split_qkv import QKV_PARTS, SplitQKV, split_packed_attention
 from pefttune.strategies.base import AdaptationStrategy, TemperaturePolicy, unfreeze_projection
 from pefttune.towers.base import BlockInfo, ImageTower, TextTower, Tower
 
@@ -50,6 +50,10 @@ class LoRA(AdaptationStrategy):
       (3 r (d_in + d) per block) and the function equal the reference; the frozen weights are renamed from
       ``attn.qkv.weight`` to ``attn.qkv.{q,k,v}.base_layer.weight``. timm attentions that add separate
       q/v biases (EVA, BEiT) are switched to ``qkv_bias_separate`` so that they call the split linear.
+    * ``nn.MultiheadAttention`` (OpenAI CLIP / open_clip blocks) applies its packed q/k/v weight and its
+      output projection without calling a module; it is replaced by
+      :class:`~pefttune.layers.split_qkv.SplitMultiheadAttention` (four linears, the same function) before
+      the targets are resolved, so q, k, v (and ``out``) are adapted as on Hugging Face CLIP.
     * On a convolutional tower (feature-map blocks) every preset targets the dense (ungrouped) 1x1
       convolutions and linears of each block: pointwise expansion and projection, and squeeze-excitation's
       reduce/expand where present. They are the per-position channel-mixing linears of a CNN, the nearest
@@ -126,16 +130,7 @@ class LoRA(AdaptationStrategy):
         self.rslora = bool(rslora)
         self.towers = towers
         self.train_projections = train_projections
-        #: The constructor arguments, kept in adapter-only checkpoints (see :mod:`pefttune.checkpointing`).
-        self.init_args: dict[str, Any] = {
-            "r": self.r,
-            "alpha": self.alpha,
-            "dropout": self.dropout,
-            "rslora": self.rslora,
-            "targets": targets if isinstance(targets, str) else list(self.patterns),
-            "towers": towers,
-            "train_projections": train_projections,
-        }
+        self.targets: str | list[str] = targets if isinstance(targets, str) else list(self.patterns)
         #: Per modality, the adapted module names relative to the tower (filled by :meth:`adapt`).
         self.target_names: dict[str, list[str]] = {}
         # A plain list (not registered): the layers belong to the towers, not to the strategy.
@@ -173,6 +168,9 @@ class LoRA(AdaptationStrategy):
                 freeze_batchnorm_statistics(tower.model)
 
     def _adapt_tower(self, tower: Tower) -> None:
+        # nn.MultiheadAttention (open_clip) applies q/k/v and its output projection without calling a module:
+        # split it into linears first (the same function), so the targets below are modules peft can wrap.
+        split_packed_attention(tower)
         names = self.resolve_targets(tower)
         if not names:
             raise ValueError(

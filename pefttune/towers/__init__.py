@@ -9,8 +9,10 @@ from pefttune.towers.base import (
     architecture_only,
 )
 from pefttune.towers.hf_clip import CLIPImageTower, CLIPTextTower
+from pefttune.towers.hf_siglip import SiglipImageTower, SiglipTextTower
 from pefttune.towers.hf_text import HFTextTower
 from pefttune.towers.offline import EfficientNetLite0Tower, MiniLMTextTower
+from pefttune.towers.open_clip import OpenCLIPImageTower, OpenCLIPTextTower
 from pefttune.towers.timm_image import TimmImageTower
 
 __all__ = [
@@ -21,7 +23,11 @@ __all__ = [
     "HFTextTower",
     "ImageTower",
     "MiniLMTextTower",
+    "OpenCLIPImageTower",
+    "OpenCLIPTextTower",
     "QKVProjections",
+    "SiglipImageTower",
+    "SiglipTextTower",
     "TextTower",
     "TimmImageTower",
     "Tower",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from transformers import AutoConfig, BertConfig, CLIPConfig, PretrainedConfig
+from transformers import AutoConfig, BertConfig, CLIPConfig, PretrainedConfig, SiglipConfig
 
 _BERT_BASE: dict[str, Any] = {}  # BertConfig's defaults are bert-base-uncased's published config
 
@@ -54,6 +54,28 @@ _TINY_CLIP: dict[str, Any] = {
     },
 }
 
+# SiglipConfig's defaults are google/siglip-base-patch16-224's text and vision towers.
+_SIGLIP_BASE: dict[str, Any] = {}
+
+_TINY_SIGLIP: dict[str, Any] = {
+    "text_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 16,
+        "projection_size": 24,
+    },
+    "vision_config": {
+        "hidden_size": 24,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+}
+
 KNOWN_ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
     "bert-base-uncased": (BertConfig, _BERT_BASE),
     "google-bert/bert-base-uncased": (BertConfig, _BERT_BASE),
@@ -63,6 +85,8 @@ KNOWN_ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = 
     "openai/clip-vit-base-patch16": (CLIPConfig, _clip(16)),
     "pefttune/tiny-bert": (BertConfig, _TINY_BERT),
     "pefttune/tiny-clip": (CLIPConfig, _TINY_CLIP),
+    "google/siglip-base-patch16-224": (SiglipConfig, _SIGLIP_BASE),
+    "pefttune/tiny-siglip": (SiglipConfig, _TINY_SIGLIP),
 }
 
 

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 from pefttune.data.preprocessing import ImageTransform
+
+if TYPE_CHECKING:
+    from pefttune.losses import ContrastiveLoss
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +89,15 @@ class QKVProjections:
     """The query, key and value projections of one attention layer.
 
     Either ``query``/``key``/``value`` are three linears, or ``fused`` is one linear whose output features
-    are ``[q; k; v]`` in three equal consecutive thirds (timm ViT's ``qkv``).
+    are ``[q; k; v]`` in three equal consecutive thirds (timm ViT's ``qkv``), or ``packed`` is an
+    ``nn.MultiheadAttention`` that holds them as one parameter and applies them (and its output projection)
+    without calling any module (OpenAI CLIP / open_clip blocks). Methods that need modules to wrap replace a
+    packed attention with :class:`~pefttune.layers.split_qkv.SplitMultiheadAttention` first
+    (:func:`~pefttune.layers.split_qkv.split_packed_attention`), after which the tower reports three linears.
 
     Attributes:
-        names: module names relative to the tower, in the order (query, key, value) or (fused,).
+        names: module names relative to the tower, in the order (query, key, value), or (fused,), or
+            (packed attention,).
     """
 
     names: tuple[str, ...]
@@ -96,11 +105,17 @@ class QKVProjections:
     key: nn.Linear | None = None
     value: nn.Linear | None = None
     fused: nn.Linear | None = None
+    packed: nn.MultiheadAttention | None = None
 
     @property
     def is_fused(self) -> bool:
         """True when q, k and v come from one linear."""
         return self.fused is not None
+
+    @property
+    def is_packed(self) -> bool:
+        """True when q, k and v are a parameter of an ``nn.MultiheadAttention`` (no module to wrap)."""
+        return self.packed is not None
 
 
 @dataclass(frozen=True)
@@ -150,8 +165,10 @@ class Tower(nn.Module, abc.ABC):
 
     Attributes:
         modality: ``"image"`` or ``"text"``.
-        pretrained_logit_scale: the logit scale (not its log) that came with the checkpoint, for CLIP
-            towers; ``None`` otherwise.
+        pretrained_logit_scale: the logit scale (not its log) that came with the checkpoint, for towers of
+            a dual encoder (CLIP, SigLIP); ``None`` otherwise.
+        pretrained_logit_bias: the logit bias that came with a sigmoid-loss checkpoint (SigLIP); ``None``
+            otherwise.
     """
 
     modality: str = ""
@@ -160,6 +177,8 @@ class Tower(nn.Module, abc.ABC):
         super().__init__()
         self.locked = False
         self.pretrained_logit_scale: float | None = None
+        self.pretrained_logit_bias: float | None = None
+        self.gradient_checkpointing = False
         self._blocks: list[BlockInfo] | None = None
 
     # -- what subclasses provide -------------------------------------------------------------------
@@ -185,6 +204,24 @@ class Tower(nn.Module, abc.ABC):
         ``input_ids``, and prompt slots (see :meth:`TextTower.set_prompt_slots`) are overwritten there.
         """
         return None
+
+    def preferred_loss(self) -> ContrastiveLoss | None:
+        """The loss the checkpoint was trained with, when its logit scale (and bias) only make sense with it.
+
+        SigLIP towers return :class:`~pefttune.losses.SigLIPLoss`: a config that names no loss then trains
+        with it (before the strategy's default), starting from the checkpoint's scale and bias. CLIP-style
+        towers return ``None`` (their InfoNCE scale suits every softmax loss the strategies pick).
+        """
+        return None
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them.
+
+        Implementations use non-reentrant checkpointing (``torch.utils.checkpoint(use_reentrant=False)``):
+        the reentrant form silently drops the gradients of parameters inside a block (adapters, LoRA) when
+        the block's input does not require grad, which is the case in a frozen backbone.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement gradient checkpointing")
 
     # -- shared behaviour --------------------------------------------------------------------------
     def blocks(self) -> list[BlockInfo]:
@@ -261,9 +298,14 @@ class TextTower(Tower):
     Prompt slots: a strategy that learns input-level text context (APEX) calls :meth:`set_prompt_slots`.
     The tokenizer then inserts those placeholder ids right after the first (start) token of every caption,
     and the strategy overwrites the slot embeddings at the output of :attr:`token_entry`.
+
+    Attributes:
+        pad_to_max_length: pad every caption to ``max_length`` (towers trained that way and pooling the last
+            position, as SigLIP) instead of to the longest caption of the batch.
     """
 
     modality = "text"
+    pad_to_max_length: bool = False
 
     def __init__(self, max_length: int) -> None:
         super().__init__()
@@ -288,18 +330,26 @@ class TextTower(Tower):
         """How many placeholder tokens follow the start token."""
         return len(self.prompt_slot_ids)
 
+    def encode_batch(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask [B, L] of ``texts``, truncated to ``max_length``, before prompt slots.
+
+        Padded to the longest text, or to ``max_length`` when :attr:`pad_to_max_length`. The default calls a
+        Hugging Face tokenizer; towers with another tokenizer override this.
+        """
+        encoded = self.tokenizer(
+            texts,
+            padding="max_length" if self.pad_to_max_length else True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        return encoded["input_ids"], encoded["attention_mask"]
+
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Tokenize captions: padded to the longest, truncated to ``max_length`` (prompt slots included)."""
         if isinstance(texts, str):
             raise TypeError("tokenize() takes a list of strings, not a single string")
-        encoded = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_length - self.num_prompt_slots,
-            return_tensors="pt",
-        )
-        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        input_ids, attention_mask = self.encode_batch(list(texts), self.max_length - self.num_prompt_slots)
         if self.num_prompt_slots:
             slots = torch.tensor(self.prompt_slot_ids, dtype=input_ids.dtype).expand(len(texts), -1)
             input_ids = torch.cat([input_ids[:, :1], slots, input_ids[:, 1:]], dim=1)
@@ -307,6 +357,29 @@ class TextTower(Tower):
                 [attention_mask[:, :1], torch.ones_like(slots), attention_mask[:, 1:]], dim=1
             )
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def set_hf_gradient_checkpointing(model: nn.Module, enable: bool) -> None:
+    """Switch Hugging Face layers' own gradient checkpointing, non-reentrant, on any sub-module of a model.
+
+    ``PreTrainedModel.gradient_checkpointing_enable`` needs the top-level model; towers keep only its
+    transformer, so this sets what it sets (the flag and the checkpoint function) on every module that has
+    a ``gradient_checkpointing`` flag.
+
+    Raises:
+        ValueError: when ``enable`` and no layer supports checkpointing.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    function = functools.partial(checkpoint, use_reentrant=False)
+    found = False
+    for module in model.modules():
+        if isinstance(getattr(module, "gradient_checkpointing", None), bool):
+            module._gradient_checkpointing_func = function
+            module.gradient_checkpointing = enable
+            found = True
+    if enable and not found:
+        raise ValueError(f"{type(model).__name__} has no layer that supports gradient checkpointing")
 
 
 def pool_tokens(

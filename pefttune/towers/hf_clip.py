@@ -1,15 +1,26 @@
-"""The two towers of a Hugging Face ``CLIPModel``, each keeping CLIP's own projection."""
+"""The two towers of a Hugging Face ``CLIPModel``, each keeping CLIP's own projection.
+
+Each half is built alone (``CLIPVisionModelWithProjection`` / ``CLIPTextModelWithProjection``), so an image
+tower never keeps the text tower's weights alive; the pair's logit scale is read from the checkpoint file.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
-import threading
+import os
 from typing import Literal
 
 import torch
 from torch import nn
 from torchvision.transforms import v2 as T
-from transformers import CLIPModel, PreTrainedTokenizerBase
+from transformers import (
+    CLIPConfig,
+    CLIPTextModelWithProjection,
+    CLIPVisionModelWithProjection,
+    PreTrainedTokenizerBase,
+)
 
 from pefttune.data.preprocessing import ImageTransform
 from pefttune.towers.architectures import architecture_config
@@ -21,37 +32,92 @@ from pefttune.towers.base import (
     checked_crop_scale,
     pool_tokens,
     quiet_transformers,
+    set_hf_gradient_checkpointing,
     weights_enabled,
 )
 from pefttune.towers.hf_text import load_tokenizer
 
+log = logging.getLogger(__name__)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_pending: dict[tuple[str, bool], tuple[CLIPModel, set[str]]] = {}
-_pending_lock = threading.Lock()
+# CLIPConfig's logit_scale_init_value: log(1 / 0.07).
+_CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_SHARD_INDEX = "model.safetensors.index.json"
 
 
-def _take_half(name: str, pretrained: bool, half: str) -> CLIPModel:
-    """Load a CLIPModel once for its two towers.
+def _checkpoint_file(name: str, key: str) -> str | None:
+    """The local file of a Hugging Face checkpoint that holds tensor ``key`` (Hub cache or directory)."""
+    from transformers.utils import cached_file
 
-    The image and text towers of one model are built one after the other; the first loads the checkpoint
-    and leaves it for the second. A half is never handed out twice, so two models built from the same
-    name never share weights.
+    def locate(filename: str) -> str | None:
+        if os.path.isdir(name):
+            path = os.path.join(name, filename)
+            return path if os.path.isfile(path) else None
+        return cached_file(name, filename, _raise_exceptions_for_missing_entries=False)
+
+    index = locate(_SHARD_INDEX)
+    if index is not None:
+        with open(index, encoding="utf-8") as handle:
+            shard = json.load(handle).get("weight_map", {}).get(key)
+        return locate(shard) if shard else None
+    for filename in _WEIGHT_FILES:
+        path = locate(filename)
+        if path is not None:
+            return path
+    return None
+
+
+def checkpoint_scalar(name: str, keys: tuple[str, ...]) -> float | None:
+    """Read one scalar (e.g. ``logit_scale``) from a Hugging Face checkpoint without building the model.
+
+    A tower built from one half of a dual encoder (``CLIPVisionModelWithProjection``) does not load the
+    pair's logit scale and bias; they are read here from the checkpoint file, tensor by tensor.
+
+    Args:
+        name: the Hub id or local directory the tower loaded.
+        keys: candidate tensor names, first found wins (``logit_scale``, ``model.logit_scale``).
+
+    Returns:
+        The value, or ``None`` when the checkpoint has no such tensor.
     """
-    key = (name, pretrained)
-    with _pending_lock:
-        entry = _pending.get(key)
-        if entry is not None and half not in entry[1]:
-            model, taken = entry
-            taken.add(half)
-            if len(taken) == 2:
-                del _pending[key]
-            return model
-        with quiet_transformers():
-            model = CLIPModel.from_pretrained(name) if pretrained else CLIPModel(architecture_config(name))
-        _pending[key] = (model, {half})
-        return model
+    for key in keys:
+        path = _checkpoint_file(name, key)
+        if path is None:
+            continue
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as handle:
+                if key in handle.keys():  # noqa: SIM118 - safe_open has keys(), not __contains__
+                    return float(handle.get_tensor(key).float().reshape(-1)[0])
+            continue
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if key in state:
+            return float(state[key].float().reshape(-1)[0])
+    return None
+
+
+def pretrained_logit_scale(name: str, loaded: bool, init_value: float) -> float:
+    """The scale (not its log) of a CLIP checkpoint, or ``exp(init_value)`` for an architecture-only tower."""
+    if loaded:
+        value = checkpoint_scalar(name, ("logit_scale",))
+        if value is not None:
+            return math.exp(value)
+        log.warning("%s: the checkpoint holds no logit_scale; using the config's initial value", name)
+    return math.exp(init_value)
+
+
+def _clip_config(name: str) -> CLIPConfig:
+    config = architecture_config(name)
+    if not isinstance(config, CLIPConfig):
+        raise ValueError(f"{name!r} is not a CLIP architecture (got {type(config).__name__})")
+    # The halves read their own projection width; CLIPConfig keeps it at the top level.
+    config.vision_config.projection_dim = config.projection_dim
+    config.text_config.projection_dim = config.projection_dim
+    return config
 
 
 def _clip_blocks(layers: nn.ModuleList, prefix: str, width: int) -> list[BlockInfo]:
@@ -89,6 +155,7 @@ class CLIPImageTower(ImageTower):
         train_augmentation: ``none`` or ``crop_flip`` (random resized crop and flip).
         crop_scale: area range ``(min, max)`` of the random resized crop, as fractions of the image; the
             default (0.5, 1.0) is mild, CLIP-LoRA's and Dassl's (APEX) is (0.08, 1.0).
+        gradient_checkpointing: recompute block activations in the backward pass (non-reentrant).
     """
 
     def __init__(
@@ -97,18 +164,29 @@ class CLIPImageTower(ImageTower):
         pretrained: bool = True,
         train_augmentation: Literal["none", "crop_flip"] = "none",
         crop_scale: tuple[float, float] = (0.5, 1.0),
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.model_name = model_name
-        clip = _take_half(model_name, weights_enabled(pretrained), "vision")
-        self.model = clip.vision_model.train()  # from_pretrained returns eval mode
-        self.projection = clip.visual_projection
-        self.pretrained_logit_scale = float(clip.logit_scale.detach().exp())
-        self.image_size = int(clip.config.vision_config.image_size)
+        loaded = weights_enabled(pretrained)
+        with quiet_transformers():
+            if loaded:
+                half = CLIPVisionModelWithProjection.from_pretrained(model_name)
+                init = _CLIP_LOGIT_SCALE_INIT  # only used when the checkpoint has no logit_scale
+            else:
+                config = _clip_config(model_name)
+                half = CLIPVisionModelWithProjection(config.vision_config)
+                init = config.logit_scale_init_value
+        self.model = half.vision_model.train()  # from_pretrained returns eval mode
+        self.projection = half.visual_projection
+        self.pretrained_logit_scale = pretrained_logit_scale(model_name, loaded, init)
+        self.image_size = int(half.config.image_size)
         if train_augmentation not in ("none", "crop_flip"):
             raise ValueError(f"train_augmentation must be 'none' or 'crop_flip', got {train_augmentation!r}")
         self.train_augmentation = train_augmentation
         self.crop_scale = checked_crop_scale(crop_scale)
+        if gradient_checkpointing:
+            self.set_gradient_checkpointing(True)
 
     def image_transform(self, train: bool) -> ImageTransform:
         """CLIP's preprocessing: bicubic resize of the short side, centre crop, CLIP mean/std."""
@@ -123,6 +201,11 @@ class CLIPImageTower(ImageTower):
             steps += [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
         steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(CLIP_MEAN, CLIP_STD)]
         return T.Compose(steps)
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> None:
+        """The encoder layers' own (Hugging Face) checkpointing, non-reentrant."""
+        set_hf_gradient_checkpointing(self.model, enable)
+        self.gradient_checkpointing = enable
 
     @property
     def train_transform_is_deterministic(self) -> bool:
@@ -154,17 +237,38 @@ class CLIPTextTower(TextTower):
         model_name: a Hub id such as ``openai/clip-vit-base-patch16`` or a local directory.
         pretrained: load the checkpoint; False builds the architecture with random weights.
         max_length: maximum tokens per caption (CLIP: 77).
+        gradient_checkpointing: recompute block activations in the backward pass (non-reentrant).
     """
 
-    def __init__(self, model_name: str, pretrained: bool = True, max_length: int = 77) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: bool = True,
+        max_length: int = 77,
+        gradient_checkpointing: bool = False,
+    ) -> None:
         super().__init__(max_length=max_length)
         self.model_name = model_name
         self._pretrained = weights_enabled(pretrained)
-        clip = _take_half(model_name, self._pretrained, "text")
-        self.model = clip.text_model.train()  # from_pretrained returns eval mode
-        self.projection = clip.text_projection
-        self.pretrained_logit_scale = float(math.exp(clip.logit_scale.item()))
+        with quiet_transformers():
+            if self._pretrained:
+                half = CLIPTextModelWithProjection.from_pretrained(model_name)
+                init = _CLIP_LOGIT_SCALE_INIT  # only used when the checkpoint has no logit_scale
+            else:
+                config = _clip_config(model_name)
+                half = CLIPTextModelWithProjection(config.text_config)
+                init = config.logit_scale_init_value
+        self.model = half.text_model.train()  # from_pretrained returns eval mode
+        self.projection = half.text_projection
+        self.pretrained_logit_scale = pretrained_logit_scale(model_name, self._pretrained, init)
         self._tokenizer: PreTrainedTokenizerBase | None = None
+        if gradient_checkpointing:
+            self.set_gradient_checkpointing(True)
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> None:
+        """The encoder layers' own (Hugging Face) checkpointing, non-reentrant."""
+        set_hf_gradient_checkpointing(self.model, enable)
+        self.gradient_checkpointing = enable
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:

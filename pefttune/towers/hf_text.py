@@ -18,6 +18,7 @@ from pefttune.towers.base import (
     make_projection,
     pool_tokens,
     quiet_transformers,
+    set_hf_gradient_checkpointing,
     weights_enabled,
 )
 
@@ -69,6 +70,7 @@ class HFTextTower(TextTower):
         pooling: ``cls`` (first token), ``mean`` (masked mean; sentence-transformers models) or ``eos``.
         max_length: maximum tokens per caption (longer captions are truncated).
         embed_dim: projection width; ``None`` for no projection.
+        gradient_checkpointing: recompute block activations in the backward pass (non-reentrant).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class HFTextTower(TextTower):
         pooling: Pooling = "cls",
         max_length: int = 64,
         embed_dim: int | None = 512,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__(max_length=max_length)
         self.model_name = model_name
@@ -94,6 +97,13 @@ class HFTextTower(TextTower):
         self.model.train()
         self.projection = make_projection(self.model.config.hidden_size, embed_dim)
         self._tokenizer: PreTrainedTokenizerBase | None = None
+        if gradient_checkpointing:
+            self.set_gradient_checkpointing(True)
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> None:
+        """The encoder layers' own (Hugging Face) checkpointing, non-reentrant."""
+        set_hf_gradient_checkpointing(self.model, enable)
+        self.gradient_checkpointing = enable
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:

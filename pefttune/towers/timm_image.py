@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal, get_args
+from collections.abc import Callable
+from typing import Any, Literal, get_args
 
 import timm
+import timm.data
 import torch
 from torch import nn
 from torchvision.transforms import v2 as T
@@ -48,6 +50,16 @@ class TimmImageTower(ImageTower):
         crop_scale: area range ``(min, max)`` of the random resized crop, as fractions of the image; the
             default (0.5, 1.0) is mild, the papers' Inception-style crop is (0.08, 1.0).
         drop_path_rate: stochastic depth for ViTs.
+        crop_pct: fraction of the resized image the evaluation centre crop keeps (resize to
+            ``image_size / crop_pct``, crop ``image_size``); defaults to the model's data config (ImageNet
+            models: 0.875-0.95). 1.0 resizes straight to ``image_size``.
+        gradient_checkpointing: recompute block activations in the backward pass (timm's own
+            checkpointing, non-reentrant) to save activation memory.
+
+    Evaluation images go through timm's transform for the model's data config
+    (``timm.data.resolve_model_data_config`` / ``create_transform``): resize to ``image_size / crop_pct``
+    with the model's interpolation, centre crop, normalise. Training augmentation keeps the options above
+    and the model's interpolation.
     """
 
     def __init__(
@@ -62,6 +74,8 @@ class TimmImageTower(ImageTower):
         train_augmentation: Augmentation = "none",
         crop_scale: tuple[float, float] = (0.5, 1.0),
         drop_path_rate: float = 0.0,
+        crop_pct: float | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.model_name = model_name.removeprefix("timm/")
@@ -74,11 +88,21 @@ class TimmImageTower(ImageTower):
         self.model = timm.create_model(self.model_name, pretrained=load_hub_weights, **kwargs)
         if checkpoint_path is not None and weights_enabled(pretrained):
             self._load_checkpoint(checkpoint_path)
-        config = self.model.pretrained_cfg
-        self.image_size = image_size or int(config.get("input_size", (3, 224, 224))[-1])
-        self.mean = tuple(mean or config.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(std or config.get("std", (0.229, 0.224, 0.225)))
-        self.interpolation = T.InterpolationMode.BICUBIC
+        config = timm.data.resolve_model_data_config(self.model)
+        self.image_size = image_size or int(config["input_size"][-1])
+        self.mean = tuple(mean or config["mean"])
+        self.std = tuple(std or config["std"])
+        self.data_config: dict[str, Any] = {
+            **config,
+            "input_size": (3, self.image_size, self.image_size),
+            "mean": self.mean,
+            "std": self.std,
+        }
+        if crop_pct is not None:
+            if not 0 < crop_pct <= 1:
+                raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+            self.data_config["crop_pct"] = float(crop_pct)
+        self.interpolation = T.InterpolationMode(self.data_config["interpolation"])
         if train_augmentation not in get_args(Augmentation):
             raise ValueError(
                 f"train_augmentation must be one of {get_args(Augmentation)}, got {train_augmentation!r}"
@@ -86,6 +110,13 @@ class TimmImageTower(ImageTower):
         self.train_augmentation = train_augmentation
         self.crop_scale = checked_crop_scale(crop_scale)
         self.projection = make_projection(self.model.num_features, embed_dim)
+        if gradient_checkpointing:
+            self.set_gradient_checkpointing(True)
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> None:
+        """Block checkpointing by timm (``set_grad_checkpointing``), refused when timm is set to reentrant."""
+        set_timm_gradient_checkpointing(self.model, enable)
+        self.gradient_checkpointing = enable
 
     def _load_checkpoint(self, path: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -100,9 +131,11 @@ class TimmImageTower(ImageTower):
 
     # -- preprocessing -----------------------------------------------------------------------------
     def image_transform(self, train: bool) -> ImageTransform:
-        """Resize (and augment when training) to ``image_size``, scale to [0, 1], normalise."""
-        size = self.image_size
+        """The model's timm evaluation transform; with training augmentation, crop/flip/augment, normalise."""
         augment = self.train_augmentation if train else "none"
+        if augment == "none":
+            return timm.data.create_transform(**self.data_config, is_training=False)
+        size = self.image_size
         steps: list[nn.Module] = [T.ToImage()]
         if augment in ("crop", "crop_flip", "trivialaugment"):
             steps.append(T.RandomResizedCrop(size, scale=self.crop_scale, interpolation=self.interpolation))
@@ -133,70 +166,101 @@ class TimmImageTower(ImageTower):
     @property
     def token_entry(self) -> nn.Module | None:
         """For ViTs, the module after the positional embedding (before ``norm_pre``); None for CNNs."""
-        for name in ("patch_drop", "pos_drop"):
-            module = getattr(self.model, name, None)
-            if module is not None and hasattr(self.model, "patch_embed"):
-                return module
-        return None
+        return timm_token_entry(self.model)
 
     def _discover_blocks(self) -> list[BlockInfo]:
-        named = _find_block_modules(self.model)
-        widths = {}
-        if not all(_is_timm_transformer_block(m) for _, m in named):
-            widths = self._probe_block_widths([m for _, m in named])
-        infos = []
-        for index, (name, module) in enumerate(named):
-            if _is_timm_transformer_block(module):
-                attn = module.attn
-                infos.append(
-                    BlockInfo(
-                        index=index,
-                        name=f"model.{name}",
-                        module=module,
-                        layout="tokens",
-                        width=int(module.norm1.normalized_shape[0]),
-                        norm_position="pre",
-                        attention_output=attn.proj,
-                        mlp_output=module.mlp.fc2,
-                        qkv=_timm_qkv(attn, f"model.{name}.attn"),
-                    )
-                )
-            else:
-                infos.append(
-                    BlockInfo(
-                        index=index,
-                        name=f"model.{name}",
-                        module=module,
-                        layout="map",
-                        width=widths[id(module)],
-                        norm_position="none",
-                    )
-                )
-        return infos
+        return describe_timm_blocks(self.model, "model", self.image_size)
 
-    @torch.no_grad()
-    def _probe_block_widths(self, modules: list[nn.Module]) -> dict[int, int]:
-        """Run one small forward pass to read each block's output channels."""
-        widths: dict[int, int] = {}
-        handles = [
-            m.register_forward_hook(
-                lambda mod, _i, out: widths.__setitem__(id(mod), int(_first(out).shape[1]))
+
+def timm_token_entry(model: nn.Module) -> nn.Module | None:
+    """A timm ViT's module after the positional embedding (before ``norm_pre``); None for CNNs."""
+    for name in ("patch_drop", "pos_drop"):
+        module = getattr(model, name, None)
+        if module is not None and hasattr(model, "patch_embed"):
+            return module
+    return None
+
+
+def set_timm_gradient_checkpointing(model: nn.Module, enable: bool) -> None:
+    """Switch a timm model's block checkpointing; refuse timm's reentrant mode (it loses gradients)."""
+    from timm.layers import use_reentrant_ckpt
+
+    if enable and use_reentrant_ckpt():
+        raise ValueError(
+            "timm is set to reentrant checkpointing (TIMM_REENTRANT_CKPT), which silently drops the "
+            "gradients of adapters inside frozen blocks; unset it to use gradient_checkpointing"
+        )
+    model.set_grad_checkpointing(enable)
+
+
+def describe_timm_blocks(model: nn.Module, prefix: str, image_size: int) -> list[BlockInfo]:
+    """The :class:`BlockInfo` of every residual block of a timm model.
+
+    Args:
+        model: the timm model.
+        prefix: the model's name relative to the tower (``"model"``, or ``"model.trunk"`` for open_clip).
+        image_size: input size of the probe pass that reads feature-map widths (CNN blocks).
+    """
+    named = _find_block_modules(model)
+    widths: dict[int, int] = {}
+    if not all(_is_timm_transformer_block(m) for _, m in named):
+        widths = probe_block_widths(model, [m for _, m in named], image_size)
+    infos = []
+    for index, (name, module) in enumerate(named):
+        if _is_timm_transformer_block(module):
+            attn = module.attn
+            infos.append(
+                BlockInfo(
+                    index=index,
+                    name=f"{prefix}.{name}",
+                    module=module,
+                    layout="tokens",
+                    width=int(module.norm1.normalized_shape[0]),
+                    norm_position="pre",
+                    attention_output=attn.proj,
+                    mlp_output=module.mlp.fc2,
+                    qkv=_timm_qkv(attn, f"{prefix}.{name}.attn"),
+                )
             )
-            for m in modules
-        ]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            probe_size = min(self.image_size, 64)
-            parameter = next(self.model.parameters())
-            self.model(
-                torch.zeros(1, 3, probe_size, probe_size, device=parameter.device, dtype=parameter.dtype)
+        else:
+            infos.append(
+                BlockInfo(
+                    index=index,
+                    name=f"{prefix}.{name}",
+                    module=module,
+                    layout="map",
+                    width=widths[id(module)],
+                    norm_position="none",
+                )
             )
-        finally:
-            for handle in handles:
-                handle.remove()
-            self.model.train(was_training)
-        return widths
+    return infos
+
+
+@torch.no_grad()
+def probe_block_widths(
+    model: nn.Module,
+    modules: list[nn.Module],
+    image_size: int,
+    run: Callable[[torch.Tensor], Any] | None = None,
+) -> dict[int, int]:
+    """Run one small forward pass of ``model`` to read each of ``modules``' output channels."""
+    widths: dict[int, int] = {}
+    handles = [
+        m.register_forward_hook(lambda mod, _i, out: widths.__setitem__(id(mod), int(_first(out).shape[1])))
+        for m in modules
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        probe_size = min(image_size, 64)
+        parameter = next(model.parameters())
+        pixels = torch.zeros(1, 3, probe_size, probe_size, device=parameter.device, dtype=parameter.dtype)
+        (run or model)(pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return widths
 
 
 def _first(output: object) -> torch.Tensor:

@@ -180,15 +180,138 @@ def test_dry_run_prints_commands_and_runs_nothing(sweep, capsys, tmp_path):
 
 
 def test_a_run_locked_by_a_live_sweep_is_left_to_it(tmp_path):
-    import os
-
     from pefttune.benchmark.suite import RunSpec
     from pefttune.benchmark.sweep import claim_run
 
     run = RunSpec("d", "m", 0, ("c.yaml",), ())
     lock = claim_run(tmp_path, run)
-    assert lock is not None and lock.read_text().endswith(str(os.getpid()))
-    assert claim_run(tmp_path, run) is None  # this process holds it and is alive
-    # A lock left by a process that has died is taken over.
-    lock.write_text(lock.read_text().rsplit(" ", 1)[0] + " 999999999")
-    assert claim_run(tmp_path, run) == lock
+    assert lock is not None and lock.is_locked
+    assert claim_run(tmp_path, run) is None  # held (a second claim opens its own lock)
+    lock.release()
+    again = claim_run(tmp_path, run)
+    assert again is not None
+    again.release()
+
+
+def test_threads_claiming_one_run_get_it_once(tmp_path):
+    import threading
+
+    from pefttune.benchmark.suite import RunSpec
+    from pefttune.benchmark.sweep import claim_run
+
+    run = RunSpec("d", "m", 0, ("c.yaml",), ())
+    start = threading.Barrier(8)
+    claims = []
+
+    def claim() -> None:
+        start.wait()
+        claims.append(claim_run(tmp_path, run))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    held = [lock for lock in claims if lock is not None]
+    assert len(claims) == 8 and len(held) == 1
+    held[0].release()
+
+
+_HOLD_A_CLAIM = """
+import sys
+from pathlib import Path
+from pefttune.benchmark.suite import RunSpec
+from pefttune.benchmark.sweep import claim_run
+lock = claim_run(Path(sys.argv[1]), RunSpec("d", "m", 0, ("c.yaml",), ()))
+print("held" if lock is not None else "busy", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_claim_of_another_process_holds_until_that_process_dies(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from pefttune.benchmark.suite import RunSpec
+    from pefttune.benchmark.sweep import claim_run
+
+    run = RunSpec("d", "m", 0, ("c.yaml",), ())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_A_CLAIM, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert claim_run(tmp_path, run) is None
+    finally:
+        # A crash, not a clean exit: the operating system drops the lock with the process.
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    lock = claim_run(tmp_path, run)
+    assert lock is not None
+    lock.release()
+
+
+def test_a_run_finished_by_another_sweep_after_the_check_is_not_run_again(tmp_path, monkeypatch):
+    from pefttune.benchmark import sweep as sweep_module
+    from pefttune.benchmark.suite import Suite
+
+    suite = Suite.from_dict({"methods": {"m": {"config": "c.yaml"}}, "seeds": [0]})
+    [run] = suite.runs()
+    claim = sweep_module.claim_run
+
+    def claim_after_the_other_sweep_finished(output, claimed):
+        lock = claim(output, claimed)  # creates results/
+        sweep_module.result_path(output, claimed).write_text("{}")
+        return lock
+
+    def never(*args, **kwargs):
+        raise AssertionError("the run was executed again")
+
+    monkeypatch.setattr(sweep_module, "claim_run", claim_after_the_other_sweep_finished)
+    monkeypatch.setattr(sweep_module, "execute_run", never)
+    outcome = sweep_module.run_sweep(suite, tmp_path)
+    assert outcome["skipped"] == [run.run_id] and not outcome["done"]
+    relock = claim(tmp_path, run)  # the claim was released
+    assert relock is not None
+    relock.release()
+
+
+def test_suite_methods_come_from_the_registry():
+    from pefttune.benchmark.suite import Suite, SuiteError
+    from pefttune.strategies.registry import methods
+
+    builtin = Suite.from_dict({"methods": "builtin"})
+    assert list(builtin.methods) == [spec.name for spec in methods()]
+    assert builtin.methods["cma"]["config"] == "configs/cma.yaml"
+    listed = Suite.from_dict({"methods": ["lora", "lit"]})
+    assert {name: spec["config"] for name, spec in listed.methods.items()} == {
+        "lora": "configs/lora.yaml",
+        "lit": "configs/lit.yaml",
+    }
+    own = Suite.from_dict({"methods": {"lora": {"overrides": {"a": 1}}, "mine": {"config": "mine.yaml"}}})
+    assert own.methods["lora"] == {"config": "configs/lora.yaml", "overrides": {"a": 1}}
+    with pytest.raises(SuiteError, match=r"methods.bitfit has no 'config' and is not a registered method"):
+        Suite.from_dict({"methods": ["bitfit"]})
+    with pytest.raises(SuiteError, match="'builtin'"):
+        Suite.from_dict({"methods": "all"})
+    variants = Suite.from_dict(
+        {
+            "methods": {
+                "lit": {"overrides": {"b": 2}},
+                "builtin": None,
+                "apex_no_ensemble": {"config": "configs/apex.yaml", "overrides": {"c": 3}},
+            }
+        }
+    )
+    assert list(variants.methods) == [
+        "lit",
+        *(s.name for s in methods() if s.name != "lit"),
+        "apex_no_ensemble",
+    ]
+    assert variants.methods["lit"]["overrides"] == {"b": 2}
+    with pytest.raises(SuiteError, match=r"methods\.builtin takes no settings"):
+        Suite.from_dict({"methods": {"builtin": {"config": "x.yaml"}}})

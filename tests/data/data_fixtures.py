@@ -92,3 +92,67 @@ def write_karpathy(path: Path, images: list[dict], image_dir: Path | None = None
 
 def karpathy_entry(name: str, split: str, captions: list[str], **extra: object) -> dict:
     return {"filename": name, "split": split, "sentences": [{"raw": c} for c in captions], **extra}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a source the way the data module does (validation included), with keyword names of the tests.
+
+
+def read_source(source, split: str = "train", on_error: str = "raise", report=None) -> list:
+    """``source.records(split, policy)``: what the data module reads from a source, validated."""
+    from pefttune.data.records import ErrorPolicy
+
+    return source.records(split, ErrorPolicy(on_error, report))
+
+
+def read_karpathy_json(path: str, *, split: str = "train", on_error: str = "raise", report=None, **options):
+    from pefttune.data.sources import Karpathy
+
+    return read_source(Karpathy(path, **options), split, on_error, report)
+
+
+def read_coco_json(path: str, *, split: str = "train", on_error: str = "raise", report=None, **options):
+    from pefttune.data.sources import Coco
+
+    return read_source(Coco(path, **options), split, on_error, report)
+
+
+def read_csv(path: str, *, split: str = "train", on_error: str = "raise", report=None, **options):
+    from pefttune.data.sources import Table
+
+    return read_source(Table(path, format="csv", **options), split, on_error, report)
+
+
+def _json_table(fmt: str, path: str, split: str, on_error: str, report, options: dict):
+    from pefttune.data.sources import Table
+
+    renamed = {"image_key": "image_column", "caption_key": "caption_column", "id_key": "group_column"}
+    renamed |= {"split_key": "split_column", "label_key": "label_column"}
+    options = {renamed.get(key, key): value for key, value in options.items()}
+    return read_source(Table(path, format=fmt, **options), split, on_error, report)
+
+
+def read_jsonl(path: str, *, split: str = "train", on_error: str = "raise", report=None, **options):
+    return _json_table("jsonl", path, split, on_error, report, options)
+
+
+def read_json_list(path: str, *, split: str = "train", on_error: str = "raise", report=None, **options):
+    return _json_table("json_list", path, split, on_error, report, options)
+
+
+def read_webdataset(pattern: str, *, split: str = "train", on_error: str = "raise", report=None):
+    from pefttune.data.sources import WebDataset
+
+    return read_source(WebDataset(pattern), split, on_error, report)
+
+
+def read_records(path: str, format: str = "auto", **options) -> list:
+    """Read a path given in the deprecated string form (``source: <path>`` plus ``format``)."""
+    import warnings
+
+    from pefttune.data.datamodule import ImageTextDataModule
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = ImageTextDataModule(source=path, format=format, **options)
+    return read_source(module.sources["train"])

@@ -11,6 +11,7 @@ from lightning.pytorch import LightningModule, Trainer
 from pefttune.data.datamodule import ImageTextDataModule
 from pefttune.data.preprocessing import Preprocessing
 from pefttune.data.records import DataFormatError, ImageLoadError
+from pefttune.data.sources import Coco, Karpathy, Synthetic, WebDataset
 
 TRAIN_KEYS = {"pixel_values", "input_ids", "attention_mask", "image_ids", "caption_ids", "text_ids"}
 EVAL_KEYS = {
@@ -25,7 +26,7 @@ EVAL_KEYS = {
 
 
 def small_synthetic(**options) -> ImageTextDataModule:
-    defaults = {"synthetic_train": 24, "synthetic_val": 6, "synthetic_test": 10, "batch_size": 8}
+    defaults = {"source": Synthetic(num_train=24, num_val=6, num_test=10), "batch_size": 8}
     return ImageTextDataModule(**{**defaults, **options})
 
 
@@ -69,13 +70,13 @@ def test_limits_for_quick_runs(preprocessing):
 
 
 def test_too_few_training_items_for_a_full_batch(preprocessing):
-    dm = small_synthetic(synthetic_train=2, captions_per_image="sample", batch_size=8)
+    dm = small_synthetic(source=Synthetic(num_train=2), captions_per_image="sample", batch_size=8)
     dm.attach_preprocessing(preprocessing)
     with pytest.raises(DataFormatError, match=r"2 items .* fewer than batch_size=8 with drop_last=True"):
         dm.train_dataloader()
 
 
-def karpathy_source(tmp_path, bad: bool = False) -> str:
+def karpathy_source(tmp_path, bad: bool = False) -> Karpathy:
     images = [
         karpathy_entry(f"{i}.jpg", split, [f"caption {i}", f"another {i}"], **{"class": f"c{i % 2}"})
         for i, split in enumerate(["train"] * 4 + ["val"] * 2 + ["test"] * 2)
@@ -83,7 +84,7 @@ def karpathy_source(tmp_path, bad: bool = False) -> str:
     if bad:
         images[1]["sentences"] = [{"raw": "  "}]  # a record with no usable caption
         images.append({"filename": "9.jpg", "sentences": [{"raw": "x"}]})  # no split key
-    return str(write_karpathy(tmp_path / "dataset.json", images, image_dir=tmp_path))
+    return Karpathy(str(write_karpathy(tmp_path / "dataset.json", images, image_dir=tmp_path)))
 
 
 def test_karpathy_source_serves_all_splits(tmp_path, preprocessing):
@@ -125,12 +126,14 @@ def test_per_split_files_and_missing_split_hint(tmp_path, preprocessing):
             {"images": [{"id": 3, "file_name": "3.jpg"}], "annotations": [{"image_id": 3, "caption": "x"}]}
         )
     )
-    dm = ImageTextDataModule(source=str(train), val_source=str(val), test_split=None, batch_size=2)
+    dm = ImageTextDataModule(
+        source=Coco(str(train)), val_source=Coco(str(val)), test_split=None, batch_size=2
+    )
     dm.attach_preprocessing(preprocessing)
     dm.setup()
     assert [r.image_id for r in dm.records("val")] == ["3"]
     assert dm.test_dataloader() == []
-    missing = ImageTextDataModule(source=str(train), batch_size=2)
+    missing = ImageTextDataModule(source=Coco(str(train)), batch_size=2)
     with pytest.raises(
         DataFormatError, match=r"split 'val' has no images; available splits: 'train' .*set val_source"
     ):
@@ -141,11 +144,10 @@ def test_webdataset_training_streams_and_evaluation_indexes(tmp_path, preprocess
     write_shards(tmp_path / "train", num_shards=2, per_shard=4, captions=2)
     write_shards(tmp_path / "val", num_shards=1, per_shard=3, captions=2)
     dm = ImageTextDataModule(
-        source=str(tmp_path / "train" / "shard-{000..001}.tar"),
-        val_source=str(tmp_path / "val" / "shard-000.tar"),
+        source=WebDataset(str(tmp_path / "train" / "shard-{000..001}.tar"), samples_per_epoch=12),
+        val_source=WebDataset(str(tmp_path / "val" / "shard-000.tar")),
         test_split=None,
         batch_size=4,
-        samples_per_epoch=12,
     )
     dm.attach_preprocessing(preprocessing)
     dm.setup("fit")
@@ -155,10 +157,10 @@ def test_webdataset_training_streams_and_evaluation_indexes(tmp_path, preprocess
     assert len(batches) == 3 and all(set(b) == TRAIN_KEYS for b in batches)
     val = list(dm.val_dataloader())
     assert torch.cat([b["image_ids"] for b in val]).tolist() == [0, 1, 2]
-    with pytest.raises(RuntimeError, match="streams from shards"):
+    with pytest.raises(RuntimeError, match=r"streams from .*set streaming: false"):
         dm.records("train")
     with pytest.raises(DataFormatError, match=r"1 of 2 shard\(s\) not found"):
-        ImageTextDataModule(source=str(tmp_path / "train" / "shard-{001..002}.tar")).setup("fit")
+        ImageTextDataModule(source=WebDataset(str(tmp_path / "train" / "shard-{001..002}.tar"))).setup("fit")
 
 
 def test_validate_images_at_setup(tmp_path, preprocessing):
@@ -184,13 +186,22 @@ def test_jsonargparse_reads_the_signature_and_docstrings():
     parser = ArgumentParser()
     parser.add_class_arguments(ImageTextDataModule, "data")
     config = parser.parse_args(
-        ["--data.source", "x.tsv", "--data.captions_per_image", "sample", "--data.val_split", "null"]
+        [
+            "--data.source",
+            '{"class_path": "pefttune.data.sources.Table", "init_args": {"path": "x.tsv"}}',
+            "--data.captions_per_image",
+            "sample",
+            "--data.val_split",
+            "null",
+        ]
     )
     assert (
-        config.data.source == "x.tsv"
+        config.data.source.class_path == "pefttune.data.sources.Table"
+        and config.data.source.init_args.path == "x.tsv"
         and config.data.captions_per_image == "sample"
         and config.data.val_split is None
     )
+    assert parser.parse_args(["--data.source", "x.tsv"]).data.source == "x.tsv"  # the deprecated string form
     with pytest.raises(SystemExit):
         parser.parse_args(["--data.on_error", "ignore"])
     assert "Drop the last incomplete training batch" in parser.format_help()
@@ -260,3 +271,56 @@ def test_evaluation_texts_follow_loader_order(preprocessing):
     assert ImageTextDataModule(test_split=None).evaluation_texts("test") == []
     with pytest.raises(ValueError, match="unknown stage"):
         dm.evaluation_texts("train")
+
+
+def test_old_spellings_build_the_same_source_with_a_warning(tmp_path):
+    path = karpathy_source(tmp_path).path
+    with pytest.warns(
+        FutureWarning,
+        match=r"source=.*dataset\.json.* with format, image_root is deprecated; write "
+        r"source: \{class_path: pefttune\.data\.sources\.Karpathy",
+    ):
+        dm = ImageTextDataModule(source=path, format="karpathy", image_root=str(tmp_path), batch_size=2)
+    assert isinstance(dm.sources["train"], Karpathy) and dm.sources["train"].image_root == str(tmp_path)
+    dm.setup()
+    assert [len(dm.records(role)) for role in ("train", "val", "test")] == [4, 2, 2]
+    with pytest.warns(FutureWarning, match="synthetic_train"):
+        dm = ImageTextDataModule(synthetic_train=12, synthetic_image_size=32)
+    assert dm.sources["train"].sizes["train"] == 12 and dm.sources["train"].image_size == 32
+    with pytest.warns(FutureWarning):  # synthetic_* also resize a Synthetic source object
+        dm = ImageTextDataModule(source=Synthetic(num_val=3, seed=4), synthetic_train=9)
+    assert dm.sources["train"].sizes == {"train": 9, "val": 3, "test": 128} and dm.sources["train"].seed == 4
+    with pytest.raises(
+        ValueError, match=r"image_root: deprecated option.*set them in the source's init_args"
+    ):
+        ImageTextDataModule(source=Karpathy(path), image_root="x")
+    with pytest.raises(DataFormatError, match="cannot tell the format from the name"):
+        ImageTextDataModule(source=str(tmp_path / "data.parquet"))
+
+
+@pytest.mark.parametrize(
+    ("class_name", "init_args"),
+    [
+        ("Synthetic", {"num_train": 4}),
+        ("Karpathy", {"path": "d.json", "image_root": "imgs"}),
+        ("Coco", {"path": "c.json"}),
+        ("Table", {"path": "t.tsv", "split_column": "split"}),
+        ("ImageFolder", {"root": "folder"}),
+        ("WebDataset", {"urls": "s-{000..009}.tar", "samples_per_epoch": 100}),
+        ("MSRVTT", {"annotations": "a.json", "split_file": "MSRVTT_train.9k.csv"}),
+        ("VideoTable", {"path": "v.jsonl", "video_root": "clips"}),
+    ],
+)
+def test_every_source_is_selectable_by_class_path(class_name, init_args):
+    from jsonargparse import ArgumentParser
+
+    import pefttune.data.sources as sources
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(ImageTextDataModule, "data")
+    source = {"class_path": f"pefttune.data.sources.{class_name}", "init_args": init_args}
+    config = parser.parse_args(["--data.source", json.dumps(source), "--data.num_frames", "12"])
+    data = parser.instantiate_classes(config).data
+    assert type(data.sources["train"]) is getattr(sources, class_name)
+    assert data.sources["train"] is data.sources["val"] is data.sources["test"]
+    assert data.num_frames == 12

@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-import logging
 from collections import Counter
 
 import pytest
 import torch
-from data_fixtures import WhitespaceTokenizer, jpeg_bytes, to_tensor_8px, write_shards, write_tar
+from data_fixtures import WhitespaceTokenizer, to_tensor_8px
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -15,8 +14,6 @@ from pefttune.data.datasets import (
     ImageWithCaptionsDataset,
     PairDataset,
     TrainCollate,
-    WebDatasetStream,
-    stable_id,
 )
 from pefttune.data.records import ImageCaptionRecord, ImageLoadError
 
@@ -267,105 +264,3 @@ def test_lightning_can_rebuild_the_loader_with_a_distributed_sampler(records):
     assert rebuilt.epoch_source is epoch_source and rebuilt.shuffle_seed == 3 and rebuilt.drop_last
     list(rebuilt)
     assert rebuilt.dataset.epoch == 7
-
-
-# ------------------------------------------------------------------------------------------------ streaming
-
-
-def stream_keys(stream: WebDatasetStream, num_workers: int = 0, batch_size: int = 1) -> list[tuple[int, int]]:
-    loader = DataLoader(
-        stream, batch_size=batch_size, num_workers=num_workers, collate_fn=TrainCollate(WhitespaceTokenizer())
-    )
-    return [
-        (int(i), int(c))
-        for batch in loader
-        for i, c in zip(batch["image_ids"], batch["caption_ids"], strict=True)
-    ]
-
-
-def all_pairs(keys: list[str], captions: int) -> list[tuple[int, int]]:
-    return sorted((stable_id(k), stable_id(f"{k}\x00{j}")) for k in keys for j in range(captions))
-
-
-def test_stream_reads_every_pair_once(tmp_path):
-    keys = write_shards(tmp_path, num_shards=2, per_shard=3, captions=2)
-    stream = WebDatasetStream(
-        str(tmp_path / "shard-{000..001}.tar"), transform=to_tensor_8px, shuffle_buffer=4
-    )
-    got = stream_keys(stream)
-    assert sorted(got) == all_pairs(keys, 2)
-    with pytest.raises(TypeError):
-        len(stream)
-
-
-@pytest.mark.parametrize(
-    ("num_shards", "world_size", "num_workers"), [(4, 2, 0), (4, 2, 2), (2, 2, 2), (3, 1, 2)]
-)
-def test_stream_splits_by_rank_and_worker(tmp_path, num_shards, world_size, num_workers):
-    keys = write_shards(tmp_path, num_shards=num_shards, per_shard=3, captions=2)
-    pattern = str(tmp_path / f"shard-{{000..{num_shards - 1:03d}}}.tar")
-    per_rank = []
-    for rank in range(world_size):
-        stream = WebDatasetStream(pattern, transform=to_tensor_8px, rank=rank, world_size=world_size, seed=5)
-        stream.set_epoch(1)
-        per_rank.append(stream_keys(stream, num_workers=num_workers))
-    combined = [pair for pairs in per_rank for pair in pairs]
-    assert sorted(combined) == all_pairs(keys, 2)  # each pair exactly once over ranks and workers
-    assert all(per_rank)
-
-
-def test_stream_samples_per_epoch_gives_equal_whole_batches_per_rank(tmp_path):
-    write_shards(tmp_path, num_shards=3, per_shard=3, captions=1)
-    pattern = str(tmp_path / "shard-{000..002}.tar")
-    for rank in range(2):
-        stream = WebDatasetStream(
-            pattern,
-            transform=to_tensor_8px,
-            samples_per_epoch=21,
-            batch_size=2,
-            rank=rank,
-            world_size=2,
-            shuffle_buffer=0,
-        )
-        assert len(stream) == 10  # 21 // 2 = 10 per rank, 5 whole batches
-        loader = DataLoader(
-            stream,
-            batch_size=2,
-            num_workers=2,
-            drop_last=True,
-            collate_fn=TrainCollate(WhitespaceTokenizer()),
-        )
-        assert len(loader) == 5
-        assert sum(1 for _ in loader) == 5  # the rank's 4-5 samples are recycled to fill its quota
-
-
-def test_stream_epoch_changes_order_and_sample_mode(tmp_path):
-    write_shards(tmp_path, num_shards=2, per_shard=4, captions=3)
-    pattern = str(tmp_path / "shard-{000..001}.tar")
-    stream = WebDatasetStream(pattern, transform=to_tensor_8px, captions_per_image="sample", shuffle_buffer=8)
-    stream.set_epoch(0)
-    first = stream_keys(stream)
-    stream.set_epoch(1)
-    second = stream_keys(stream)
-    assert len(first) == len(second) == 8  # one caption per image
-    assert first != second
-
-
-def test_stream_skips_and_logs_bad_samples(tmp_path, caplog):
-    write_tar(
-        tmp_path / "mixed.tar",
-        [
-            ("good.jpg", jpeg_bytes()),
-            ("good.txt", b"fine"),
-            ("bad.jpg", b"not a jpeg"),
-            ("bad.txt", b"broken"),
-        ],
-    )
-    stream = WebDatasetStream(str(tmp_path / "mixed.tar"), transform=to_tensor_8px, on_error="skip")
-    with caplog.at_level(logging.WARNING):
-        got = stream_keys(stream)
-    assert got == [(stable_id("good"), stable_id("good\x000"))]
-    assert "unreadable_image" in caplog.text and "bad" in caplog.text
-    strict = WebDatasetStream(str(tmp_path / "mixed.tar"), transform=to_tensor_8px)
-    with pytest.raises(ImageLoadError, match=r"mixed\.tar, sample 'bad'"):
-        stream_keys(strict)

@@ -13,6 +13,7 @@ from lightning.pytorch import LightningModule, Trainer
 from pefttune.data.datamodule import ImageTextDataModule
 from pefttune.data.datasets import PairDataset
 from pefttune.data.preprocessing import Preprocessing
+from pefttune.data.sources import Synthetic
 
 # Spawning two processes that import torch and Lightning takes tens of seconds on a small CPU box.
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
@@ -49,9 +50,7 @@ class IdRecorder(LightningModule):
 
 def test_ddp_samplers_partition_training_and_pad_evaluation_by_id(tmp_path):
     dm = ImageTextDataModule(
-        synthetic_train=24,
-        synthetic_val=5,
-        synthetic_test=2,
+        source=Synthetic(num_train=24, num_val=5, num_test=2, seed=3),
         batch_size=4,
         captions_per_image="sample",
         seed=3,
@@ -71,7 +70,7 @@ def test_ddp_samplers_partition_training_and_pad_evaluation_by_id(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
     reference = PairDataset(
-        ImageTextDataModule(synthetic_train=24, seed=3).records("train"), captions_per_image="sample", seed=3
+        Synthetic(num_train=24, seed=3).split_records("train"), captions_per_image="sample", seed=3
     )
     for epoch in (0, 1):
         per_rank = [sorted(tuple(p) for p in rank[f"train{epoch}"]) for rank in ranks]

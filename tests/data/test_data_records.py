@@ -105,3 +105,34 @@ def test_error_policy_rejects_unknown_mode():
 
 def test_normalize_caption():
     assert normalize_caption("  A  Red\tCircle\n") == "a red circle"
+
+
+def test_same_file_under_two_ids_warned_in_training_refused_in_evaluation(tmp_path, caplog):
+    """Issue 16.6: the same image file under two ids in one split was accepted silently."""
+    import logging
+
+    from data_fixtures import write_image
+
+    from pefttune.data import ImageTextDataModule
+    from pefttune.data.sources import Table
+
+    for name in ("a.jpg", "b.jpg"):
+        write_image(tmp_path / name)
+    rows = ["filepath\ttitle\tid\tsplit"]
+    for split in ("train", "val"):
+        rows += [f"a.jpg\tfirst\t{split}1\t{split}", f"b.jpg\tsecond\t{split}2\t{split}"]
+        rows += [f"a.jpg\tthe same file again\t{split}3\t{split}"]
+    (tmp_path / "pairs.tsv").write_text("\n".join(rows) + "\n")
+    source = Table(str(tmp_path / "pairs.tsv"), group_column="id", split_column="split")
+    with caplog.at_level(logging.WARNING):
+        dm = ImageTextDataModule(source=source, val_split=None, test_split=None, batch_size=2)
+        dm.setup("fit")
+    assert len(dm.records("train")) == 3  # kept, with a warning that names the count and the file
+    assert "1 record(s) of split 'train' reuse a file already listed under another id" in caplog.text
+    dm = ImageTextDataModule(source=source, test_split=None, batch_size=2)
+    with pytest.raises(DataFormatError, match=r"1 record\(s\) of split 'val' reuse a file .*/a\.jpg"):
+        dm.setup("fit")
+    dm = ImageTextDataModule(source=source, test_split=None, batch_size=2, on_error="skip")
+    dm.setup("fit")
+    assert [r.image_id for r in dm.records("val")] == ["val1", "val2"]
+    assert dm.skip_report.counts == {"duplicate_image_file": 1}

@@ -39,6 +39,7 @@ def _loss(module: DualEncoderModule, batch: dict[str, torch.Tensor]) -> torch.Te
         image_embeds,
         text_embeds,
         module.logit_scale_value,
+        module.logit_bias,
         image_ids=batch["image_ids"],
         text_ids=batch["text_ids"],
     )
@@ -361,9 +362,9 @@ def test_strategy_rejects_bad_options_and_double_application():
         DueT(unit_norm="middle")
     strategy = DueT(width=8)
     image_tower, text_tower = tiny_vit(), tiny_bert()
-    strategy.apply(image_tower, text_tower)
+    strategy.attach(image_tower, text_tower)
     with pytest.raises(RuntimeError):
-        strategy.apply(image_tower, text_tower)
+        strategy.attach(image_tower, text_tower)
 
 
 def test_a_training_step_moves_alpha_and_lowers_the_loss_on_a_fixed_batch():

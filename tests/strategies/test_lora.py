@@ -12,8 +12,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from pefttune.checkpointing import AdapterMismatchError, load_adapter, save_adapter
-from pefttune.layers.split_qkv import SplitQKV
-from pefttune.losses import InfoNCELoss
+from pefttune.layers.split_qkv import SplitMultiheadAttention, SplitQKV
+from pefttune.losses import InfoNCELoss, SigLIPLoss
 from pefttune.module import DualEncoderModule
 from pefttune.strategies.base import TemperaturePolicy
 from pefttune.strategies.lora import LoRA
@@ -63,7 +63,15 @@ def _apply_reference_lora(reference: Tower, adapted: Tower, names: list[str], sc
             layer = adapted.get_submodule(name)
             delta = _lora_delta(layer, scaling)
             parent_name, _, part = name.rpartition(".")
-            if isinstance(adapted.get_submodule(parent_name), SplitQKV):
+            if isinstance(adapted.get_submodule(parent_name), SplitMultiheadAttention):
+                # The reference still holds nn.MultiheadAttention: q/k/v are row-thirds of in_proj_weight.
+                packed = reference.get_submodule(parent_name)
+                if part == "out_proj":
+                    packed.out_proj.weight += delta
+                else:
+                    index = ("q_proj", "k_proj", "v_proj").index(part)
+                    packed.in_proj_weight[index * delta.shape[0] : (index + 1) * delta.shape[0]] += delta
+            elif isinstance(adapted.get_submodule(parent_name), SplitQKV):
                 fused = reference.get_submodule(parent_name)
                 index = "qkv".index(part)
                 rows = slice(index * delta.shape[0], (index + 1) * delta.shape[0])
@@ -81,6 +89,8 @@ def _expected_lora_count(tower: Tower, r: int) -> int:
             for module in block.module.modules():
                 if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1:
                     total += r * (module.in_channels + module.out_channels)
+        elif block.qkv.is_packed:
+            total += 3 * r * 2 * block.qkv.packed.embed_dim
         elif block.qkv.is_fused:
             fused = block.qkv.fused
             total += 3 * r * (fused.in_features + fused.out_features // 3)
@@ -118,7 +128,7 @@ def _train_steps(module: DualEncoderModule, steps: int = 2) -> None:
                 "attention_mask": tokens["attention_mask"],
             }
         )
-        loss = module.loss(image_embeds, text_embeds, module.logit_scale_value, None)
+        loss = module.loss(image_embeds, text_embeds, module.logit_scale_value, module.logit_bias)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -144,7 +154,7 @@ def test_fused_qkv_gets_three_updates_equal_to_reference_lora() -> None:
     reference = copy.deepcopy(image_tower).eval()
     widths = [block.width for block in image_tower.blocks()]
     strategy = LoRA()
-    strategy.apply(image_tower, text_tower)
+    strategy.attach(image_tower, text_tower)
     image_tower.eval()
     images = torch.randn(2, 3, 32, 32)
 
@@ -180,7 +190,8 @@ def test_defaults_follow_clip_lora(tower_pair) -> None:
     assert _lora_count(module) == expected
     assert math.isclose(float(module.logit_scale_value), 100.0, rel_tol=1e-6)
     assert not module.logit_scale.requires_grad
-    assert isinstance(module.loss, InfoNCELoss)
+    # SigLIP towers prefer their own sigmoid loss when the config names none.
+    assert isinstance(module.loss, SigLIPLoss if image_tower.preferred_loss() else InfoNCELoss)
     layers = module.strategy.lora_layers
     assert layers
     for layer in layers:
@@ -194,7 +205,7 @@ def test_defaults_follow_clip_lora(tower_pair) -> None:
 def test_cnn_targets_only_dense_1x1_convolutions() -> None:
     image_tower, text_tower = tiny_cnn(), tiny_bert()
     strategy = LoRA()
-    strategy.apply(image_tower, text_tower)
+    strategy.attach(image_tower, text_tower)
     names = strategy.target_names["image"]
     assert names
     for name in names:
@@ -207,7 +218,7 @@ def test_cnn_targets_only_dense_1x1_convolutions() -> None:
 def test_presets_and_patterns_choose_targets() -> None:
     image_tower, text_tower = tiny_clip()
     strategy = LoRA(targets="qkv+out")
-    strategy.apply(image_tower, text_tower)
+    strategy.attach(image_tower, text_tower)
     suffixes = {
         name.rsplit(".", 1)[-1] for name in strategy.target_names["image"] + strategy.target_names["text"]
     }
@@ -215,7 +226,7 @@ def test_presets_and_patterns_choose_targets() -> None:
 
     image_tower, text_tower = tiny_vit(), tiny_bert()
     strategy = LoRA(targets="mlp")
-    strategy.apply(image_tower, text_tower)
+    strategy.attach(image_tower, text_tower)
     assert {n.split(".", 3)[-1] for n in strategy.target_names["image"]} == {"mlp.fc1", "mlp.fc2"}
     assert {n.split(".", 4)[-1] for n in strategy.target_names["text"]} == {
         "intermediate.dense",
@@ -225,7 +236,7 @@ def test_presets_and_patterns_choose_targets() -> None:
     # Patterns: a dotted suffix, and a fused qkv selected by a pattern is split before peft sees it.
     image_tower, text_tower = tiny_vit(), tiny_bert()
     strategy = LoRA(targets=["model.blocks.0.attn.qkv", "attention.self.value"])
-    strategy.apply(image_tower, text_tower)
+    strategy.attach(image_tower, text_tower)
     assert strategy.target_names["image"] == [f"model.blocks.0.attn.qkv.{p}" for p in "qkv"]
     assert [n.rsplit(".", 1)[-1] for n in strategy.target_names["text"]] == ["value", "value"]
 
@@ -237,10 +248,10 @@ def test_bad_targets_are_refused() -> None:
         LoRA(towers="vision")
     image_tower, text_tower = tiny_clip()
     with pytest.raises(ValueError, match="select no layer"):
-        LoRA(targets=["no_such_layer"]).apply(image_tower, text_tower)
+        LoRA(targets=["no_such_layer"]).attach(image_tower, text_tower)
     image_tower, text_tower = tiny_vit(), tiny_bert()
     with pytest.raises(ValueError, match="inside the backbone"):
-        LoRA(targets=["projection"]).apply(image_tower, text_tower)
+        LoRA(targets=["projection"]).attach(image_tower, text_tower)
 
 
 def test_one_tower_only_locks_the_other() -> None:
@@ -278,7 +289,7 @@ def test_fused_qkv_with_separate_biases_is_adapted() -> None:
                 parameter.normal_(std=0.1)
     reference.load_state_dict(image_tower.state_dict())
     strategy = LoRA()
-    strategy.apply(image_tower, tiny_bert())
+    strategy.attach(image_tower, tiny_bert())
     image_tower.eval()
     images = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
@@ -310,7 +321,7 @@ def test_only_lora_weights_receive_gradient(tower_pair) -> None:
     image_embeds, text_embeds = module(
         {"pixel_values": images, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
     )
-    module.loss(image_embeds, text_embeds, module.logit_scale_value, None).backward()
+    module.loss(image_embeds, text_embeds, module.logit_scale_value, module.logit_bias).backward()
 
     with_grad = {n for n, p in module.named_parameters() if p.grad is not None}
     lora = {n for n in with_grad if ".lora_" in n}

@@ -1,23 +1,18 @@
-"""The method x tower matrix: every strategy on every tiny tower pair (peft's TEST_CASES idea).
+"""The method x tower matrix: every registered method on every tiny tower pair (peft's TEST_CASES idea).
 
-Adding a method = one row in ``METHODS``.
+The rows come from :mod:`pefttune.strategies.registry` (each method's ``test_arguments``): registering a
+method adds its row.
 """
 
 import pytest
 import torch
 
 from pefttune.module import DualEncoderModule
-from pefttune.strategies import APEX, CrossModalAdapter, DueT, FullFineTune, LiT, LoRA
+from pefttune.strategies import FullFineTune
+from pefttune.strategies.registry import get_method, methods
 from pefttune.testing import TINY_TOWER_PAIRS
 
-METHODS = {
-    "full": FullFineTune,
-    "lit": LiT,
-    "duet": lambda: DueT(width=16),
-    "cma": lambda: CrossModalAdapter(bottleneck=4, shared_dim=4),
-    "lora": LoRA,
-    "apex": APEX,
-}
+METHODS = [spec.name for spec in methods()]
 
 
 def _towers(pair: str, method: str):
@@ -41,7 +36,7 @@ def _batch(image, text, size=4):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_strategy_trains_exactly_what_it_declares(method, pair):
     torch.manual_seed(0)
-    model = DualEncoderModule(*_towers(pair, method), METHODS[method]())
+    model = DualEncoderModule(*_towers(pair, method), get_method(method).build_for_tests())
     torch.manual_seed(0)
     baseline = DualEncoderModule(*_towers(pair, method), FullFineTune())
     model.train()

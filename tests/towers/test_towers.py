@@ -34,8 +34,9 @@ def test_every_tower_pair_encodes_and_describes_its_blocks(tower_pair):
             assert dict(tower.named_modules())[block.name] is block.module
             if block.is_transformer:
                 assert block.layout == "tokens" and block.qkv is not None
+                expected = torch.nn.MultiheadAttention if block.qkv.is_packed else torch.nn.Linear
                 for name in block.qkv.names:
-                    assert isinstance(dict(tower.named_modules())[name], torch.nn.Linear)
+                    assert isinstance(dict(tower.named_modules())[name], expected)
 
 
 def test_block_output_layout_and_width_match_a_forward_pass(tower_pair):

@@ -8,14 +8,14 @@ Each image shows 1 to 3 coloured shapes on a plain or lightly textured dark back
 
 The *main* object is the only or the large one (with several objects, the others are small); its
 ``"colour shape"`` is the record's ``label``, so the same data serves zero-shot classification over
-:attr:`SyntheticScenes.class_names` (42 classes). Each image has 5 differently worded captions (templates,
+:meth:`Synthetic.class_names` (42 classes). Each image has 5 differently worded captions (templates,
 synonyms, varying attribute order) that mention every object and its position.
 
 Compositional split: the colour-shape pairs in :data:`HELD_OUT_PAIRS` (red star, green circle, blue
 triangle, yellow square, purple cross, orange diamond) never appear in the train or val splits, neither as
 main nor as secondary object. In the test split the main object is a held-out pair with probability
 ``held_out_fraction`` (default 0.5), so test results can be reported separately for seen and unseen
-compositions (:meth:`SyntheticScenes.is_held_out`). Every colour and every shape still occurs in training.
+compositions (:meth:`Synthetic.is_held_out`). Every colour and every shape still occurs in training.
 
 Everything is a function of ``(seed, split, index)``: the same seed gives the same pixels and captions, and
 changing the size of one split does not change the others. Images are rendered when loaded (records hold a
@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pefttune.data.records import DataFormatError, ImageCaptionRecord
+from pefttune.data.records import DataFormatError, ErrorPolicy, ImageCaptionRecord
+from pefttune.data.sources.base import Source
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -279,8 +280,10 @@ def describe_scene(scene: Scene, rng: random.Random) -> list[str]:
 # The dataset
 
 
-class SyntheticScenes:
+class Synthetic(Source):
     """The generated captioned-scenes dataset (see the module docstring for its content and splits).
+
+    The offline default source: no files needed. Its splits are ``train``, ``val`` and ``test``.
 
     Args:
         num_train: Number of training images.
@@ -315,10 +318,26 @@ class SyntheticScenes:
         self._held_out = sorted(HELD_OUT_PAIRS)
         self._cache: dict[str, list[ImageCaptionRecord]] = {}
 
-    @property
+    check_files = False  # images are rendered, not read
+
+    def describe(self) -> str:
+        """Names the data set and its sizes."""
+        sizes = ", ".join(f"{name} {count}" for name, count in self.sizes.items())
+        return f"synthetic scenes ({sizes}; seed {self.seed})"
+
+    def read(self, split: str, policy: ErrorPolicy) -> list[ImageCaptionRecord]:
+        """The records of every non-empty split (``split`` is unused: the data set has its own)."""
+        return [record for name, size in self.sizes.items() if size for record in self.split_records(name)]
+
     def class_names(self) -> list[str]:
-        """All ``"colour shape"`` labels (colour-major order)."""
-        return [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+        """Every ``"colour shape"`` label that can occur (colour-major order).
+
+        All 42 pairs, or the 36 seen ones with ``held_out_fraction=0`` (the held-out pairs then never occur).
+        """
+        names = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+        if self.held_out_fraction == 0.0:
+            names = [name for name in names if not self.is_held_out(name)]
+        return names
 
     @property
     def held_out_classes(self) -> list[str]:
@@ -331,7 +350,7 @@ class SyntheticScenes:
         colour, _, shape = label.partition(" ")
         return (colour, shape) in HELD_OUT_PAIRS
 
-    def records(self, split: str) -> list[ImageCaptionRecord]:
+    def split_records(self, split: str) -> list[ImageCaptionRecord]:
         """The records of one split (built once, then cached; images render when loaded).
 
         Args:
