@@ -258,3 +258,28 @@ def test_fit_steps_equal_the_plain_steps(options):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
         moved += not torch.equal(a, start)
     assert moved > 0
+
+
+def test_grad_cache_composes_with_activation_checkpointing():
+    from pefttune.towers import HFTextTower, TimmImageTower
+
+    def model(checkpointing: bool, chunk):
+        torch.manual_seed(0)
+        image = TimmImageTower(
+            "test_vit", pretrained=False, embed_dim=24, image_size=32, gradient_checkpointing=checkpointing
+        )
+        text = HFTextTower(
+            "pefttune/tiny-bert",
+            pretrained=False,
+            embed_dim=24,
+            max_length=16,
+            gradient_checkpointing=checkpointing,
+        )
+        built = DualEncoderModule(image, text, FullFineTune(), grad_cache_chunk_size=chunk)
+        return without_dropout(built.train())
+
+    plain = model(False, None)
+    batch = make_batch(plain)
+    _, expected = step_gradients(plain, batch)
+    _, got = step_gradients(model(True, 3), batch)
+    assert_same_gradients(got, expected)
