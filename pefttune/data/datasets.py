@@ -46,6 +46,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from pefttune.data.cache import SharedIdSet
 from pefttune.data.preprocessing import ImageTransform, Tokenize
 from pefttune.data.records import (
     DataFormatError,
@@ -467,6 +468,31 @@ class PairDataset(_RecordDataset):
         self._length = full if max_items is None else max(0, min(full, max_items))
         # Shared memory, so that persistent DataLoader workers see the epoch set in the main process.
         self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+        # Set by a model that caches a locked tower's image features (pefttune.data.cache.SkipsCachedImages).
+        self.skip_images: SharedIdSet | None = None
+        self._skipped_image: torch.Tensor | None = None
+
+    @property
+    def num_images(self) -> int:
+        """One more than the largest image id (ids are record positions)."""
+        return len(self.index.records)
+
+    def _is_skipped(self, record_index: int, record: ImageCaptionRecord) -> bool:
+        return (
+            self.skip_images is not None
+            and self.loader.transform is not None
+            and not isinstance(record.image, Video)
+            and record_index in self.skip_images
+        )
+
+    def _skipped_item(self) -> dict[str, Any]:
+        """What a skipped image yields: NaN pixels in the transform's output shape."""
+        if self._skipped_image is None:
+            # The (deterministic) transform's output shape, from a blank image; NaN, so that it cannot pass
+            # for an image if it ever reached a tower (the model checks).
+            shape = self.loader.transform(Image.new("RGB", (8, 8))).shape
+            self._skipped_image = torch.full(tuple(shape), float("nan"))
+        return {"image": self._skipped_image}
 
     @property
     def epoch(self) -> int:
@@ -492,7 +518,9 @@ class PairDataset(_RecordDataset):
             position = int(np.random.default_rng([self.seed, self.epoch, index]).integers(count))
         record = self.index.records[record_index]
         frame_rng = np.random.default_rng([self.seed, self.epoch, index, 1])
-        return self.loader(record, frame_rng) | {
+        skipped = self._is_skipped(record_index, record)
+        loaded = self._skipped_item() if skipped else self.loader(record, frame_rng)
+        return loaded | {
             "caption": record.captions[position],
             "image_id": record_index,
             "caption_id": int(self.index.caption_offsets[record_index]) + position,
