@@ -78,7 +78,9 @@ def test_collapsed_training_is_reported():
 
 def test_healthy_training_is_not_reported(recwarn):
     assert _collapse_run(1e-2).warned_at is None
-    assert not [w for w in recwarn if "collapsed" in str(w.message)]
+    # Only the training-loss detector's warning counts here; the retrieval metric's embedding-collapse
+    # diagnostic (a random tiny BERT's CLS embeddings barely differ) is a different, truthful warning.
+    assert not [w for w in recwarn if "training has collapsed" in str(w.message)]
 
 
 # -- messages (point 7) --------------------------------------------------------------------------------------
