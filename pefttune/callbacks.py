@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import sys
+import time
+import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
-from pefttune.checkpointing import save_adapter
+from pefttune.checkpointing import export_peft_adapters, remove_stale_temporary_files, save_adapter
 
 
 class EmbeddingWriter(BasePredictionWriter):
@@ -86,7 +92,8 @@ class ExactResume(Callback):
     Part 2, randomness.
     Lightning restores weights, optimizer, schedule and loop counters, but not the global generators that
     dropout (and LoRA's dropout) draw from; without them a resumed run diverges from the uninterrupted one
-    at its first step. The states of ``torch``, ``numpy`` and ``random`` are saved with every checkpoint
+    at its first step. The states of ``torch`` (the CPU generator and, once CUDA is in use, every CUDA
+    device's), ``numpy`` and ``random`` are saved with every checkpoint
     and put back when training starts again (after Lightning has prepared the resumed epoch's dataloader,
     whose shuffle uses its own seeded generator).
 
@@ -94,13 +101,21 @@ class ExactResume(Callback):
     (Lightning 2.6 fetches a sized loader's batch when its step starts), so main-process augmentation draws
     as in the uninterrupted run. Under DDP only rank 0's states are saved (Lightning writes rank 0's
     checkpoint) and every rank gets them back, so per-rank dropout differs after a resume.
+
+    Args:
+        random_states: save and restore the generators (part 2).
+        loader_position: give the training loader its saved position back (part 1).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, random_states: bool = True, loader_position: bool = True) -> None:
+        self.random_states = random_states
+        self.loader_position = loader_position
         self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """The generators' states, as tensors and plain values (what ``weights_only`` loading reads)."""
+        if not self.random_states:
+            return {}
         name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
         version, python_state, gauss = random.getstate()
         return {
@@ -113,16 +128,29 @@ class ExactResume(Callback):
                 "cached_gaussian": float(cached_gaussian),
             },
             "python": {"version": int(version), "state": list(python_state), "gauss": gauss},
+            # Every device's generator (dropout on the GPU draws from them). Only once CUDA is in use:
+            # asking earlier would start a CUDA context in a CPU run on a GPU machine.
+            "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else [],
         }
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Remember the stage: only a resumed fit takes states from a checkpoint."""
+        self._stage = stage
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Remember the states; they are applied when training starts (loading happens earlier)."""
-        self._pending = dict(state_dict) if state_dict else None
+        """Remember the states; they are applied when training starts (loading happens earlier).
+
+        Ignored outside ``fit`` (Lightning 2.6 also restores callbacks when testing a checkpoint): a later
+        fit would otherwise start from the tested checkpoint's generator states.
+        """
+        if getattr(self, "_stage", "fit") == "fit":
+            self._pending = dict(state_dict) if state_dict else None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Give the training loader its state and the generators their states back, before the first step."""
-        _restore_training_loader_state(trainer)
-        if self._pending is None:
+        if self.loader_position:
+            _restore_training_loader_state(trainer)
+        if self._pending is None or not self.random_states:
             return
         state, self._pending = self._pending, None
         if "torch" in state:
@@ -136,6 +164,25 @@ class ExactResume(Callback):
         if "python" in state:
             saved = state["python"]
             random.setstate((saved["version"], tuple(saved["state"]), saved["gauss"]))
+        _restore_cuda_states(list(state.get("cuda") or []))
+
+
+def _restore_cuda_states(states: list[torch.Tensor]) -> None:
+    if not states:
+        return
+    if not torch.cuda.is_available():
+        rank_zero_warn(
+            f"the checkpoint holds the random generator states of {len(states)} CUDA devices, but CUDA is "
+            "not available here: GPU random draws (dropout) will differ from the uninterrupted run"
+        )
+        return
+    count = torch.cuda.device_count()
+    if count != len(states):
+        rank_zero_warn(
+            f"the checkpoint holds the random generator states of {len(states)} CUDA devices, this machine "
+            f"has {count}: the first {min(count, len(states))} are restored, GPU random draws may differ"
+        )
+    torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8).cpu() for s in states[:count]])
 
 
 def _restore_training_loader_state(trainer: Trainer) -> None:
@@ -154,61 +201,315 @@ def _restore_training_loader_state(trainer: Trainer) -> None:
     fit_loop._combined_loader_states_to_load = []
 
 
-class AdapterCheckpoint(Callback):
-    """Write adapter-only checkpoints (:mod:`pefttune.checkpointing`) next to the full ones.
+#: File names of the adapter-only checkpoints :class:`RunCheckpoint` writes next to the full ones.
+ADAPTER_BEST = "adapter-best.safetensors"
+ADAPTER_LAST = "adapter-last.safetensors"
+#: Folder of the best checkpoint's LoRA adapters in peft's layout (one subfolder per tower).
+PEFT_BEST = "peft-best"
 
-    Whenever the trainer's :class:`~lightning.pytorch.callbacks.ModelCheckpoint` writes its last (and best)
-    checkpoint, this writes ``adapter-last.pt`` (and ``adapter-best.pt`` when the best changed) in the same
-    directory: the strategy's trained tensors only, loadable with
-    :func:`pefttune.checkpointing.load_adapter` or ``pefttune validate|test|predict --adapter_path``.
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint whose ``last`` is always the last state, with adapter files beside it.
+
+    Two differences from :class:`lightning.pytorch.callbacks.ModelCheckpoint`:
+
+    * ``last.ckpt`` is written at the end of every training epoch (and when training ends), whatever the
+      monitored metric did. Lightning 2.6 writes ``last`` only when a top-k checkpoint was written in the
+      same step, so in a run whose metric stopped improving ``last.ckpt`` kept an old epoch and resuming
+      from it silently threw the later epochs away.
+    * With ``adapter_files`` (the default), every time it writes the best checkpoint it also writes
+      ``adapter-best.safetensors``, and every time it writes ``last.ckpt`` it writes
+      ``adapter-last.safetensors``, in the same folder and from the same weights at the same moment, so an
+      adapter file always equals its full checkpoint (:mod:`pefttune.checkpointing`;
+      ``pefttune validate|test|predict --adapter_path``). A LoRA model's best adapters are also written
+      in peft's layout, ``peft-best/<tower>/`` (:func:`~pefttune.checkpointing.export_peft_adapters`).
+
+    Its saved state has the state key of a plain ModelCheckpoint with the same arguments, so checkpoints of
+    either resume with their best score; it also records the logger's version, so that ``pefttune fit
+    --ckpt_path`` continues in the run's own folder.
 
     Args:
-        dirpath: directory of the files; ``None`` uses the ModelCheckpoint's directory.
-        save_best: also write ``adapter-best.pt`` when the ModelCheckpoint's best path changes.
+        adapter_files: write the adapter-only files next to the best and last checkpoints.
+        **kwargs: the arguments of :class:`~lightning.pytorch.callbacks.ModelCheckpoint`.
+    """
+
+    def __init__(self, adapter_files: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.adapter_files = adapter_files
+        self.adapter_best_path: str | None = None
+        self.adapter_last_path: str | None = None
+        self.logger_version: int | str | None = None
+        self._last_saved_step: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        """The key of a plain ModelCheckpoint with the same arguments (older checkpoints resume too)."""
+        return "ModelCheckpoint" + repr(
+            {
+                "monitor": self.monitor,
+                "mode": self.mode,
+                "every_n_train_steps": self._every_n_train_steps,
+                "every_n_epochs": self._every_n_epochs,
+                "train_time_interval": self._train_time_interval,
+            }
+        )
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Resolve the folder (Lightning) and remember the logger's version for a resumed run."""
+        with warnings.catch_warnings():
+            if trainer.ckpt_path:
+                # A resumed run continues in its own folder: that it holds checkpoints is expected.
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+        self._stage = stage
+        if stage == "fit" and trainer.is_global_zero:
+            remove_stale_temporary_files(self.dirpath)
+        logger = trainer.logger
+        self.logger_version = logger.version if logger is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """ModelCheckpoint's state, plus the logger version of the run."""
+        return {**super().state_dict(), "logger_version": self.logger_version}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore when resuming a fit only.
+
+        Lightning 2.6 also restores callback states when it tests a checkpoint; after ``fit`` the test of
+        the best checkpoint then reset the best and last paths to what they were at the best epoch.
+        """
+        if getattr(self, "_stage", "fit") == "fit":
+            super().load_state_dict(state_dict)
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        # Lightning sets best_model_path before it writes the file that became the best.
+        if self.adapter_files and filepath == self.best_model_path:
+            self.adapter_best_path = self._write_adapter(trainer, ADAPTER_BEST)
+            self._export_peft(trainer)
+
+    def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_saved_step = trainer.global_step
+        if self.adapter_files:
+            self.adapter_last_path = self._write_adapter(trainer, ADAPTER_LAST)
+
+    def _write_adapter(self, trainer: Trainer, name: str) -> str | None:
+        if not self.dirpath or not _is_local_file_protocol(self.dirpath):
+            return None
+        path = os.path.join(str(self.dirpath), name)
+        if trainer.is_global_zero:
+            save_adapter(trainer.lightning_module, path)  # type: ignore[arg-type]
+        trainer.strategy.barrier("pefttune_adapter_checkpoint")
+        return path
+
+    def _export_peft(self, trainer: Trainer) -> None:
+        from pefttune.strategies.lora import LoRA
+
+        module = trainer.lightning_module
+        if not self.dirpath or not isinstance(getattr(module, "strategy", None), LoRA):
+            return
+        if trainer.is_global_zero:
+            export_peft_adapters(module, os.path.join(str(self.dirpath), PEFT_BEST))  # type: ignore[arg-type]
+        trainer.strategy.barrier("pefttune_peft_export")
+
+    def _save_last_if_behind(self, trainer: Trainer) -> None:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if (
+            not self.save_last
+            or trainer.sanity_checking
+            or bool(trainer.fast_dev_run)
+            or trainer.state.fn != TrainerFn.FITTING
+            or trainer.global_step == 0  # nothing trained yet
+            or self._last_saved_step == trainer.global_step
+        ):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Lightning's epoch-end saving, then ``last`` when it was not written at this step."""
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last_if_behind(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``last`` holds the final state (a run stopped by ``max_steps`` mid-epoch included)."""
+        super().on_train_end(trainer, pl_module)
+        self._save_last_if_behind(trainer)
+
+
+class AdapterCheckpoint(Callback):
+    """Deprecated: :class:`RunCheckpoint` writes the adapter files (``adapter_files=True``, the default).
+
+    This callback wrote ``adapter-best.pt`` before the best checkpoint was chosen (so it could hold another
+    epoch's weights). It now does nothing next to a :class:`RunCheckpoint` and refuses to run without one.
     """
 
     def __init__(self, dirpath: str | None = None, save_best: bool = True) -> None:
+        warnings.warn(
+            "pefttune.callbacks.AdapterCheckpoint is deprecated: pefttune.callbacks.RunCheckpoint "
+            "(the `checkpoint` section of `pefttune fit`) writes adapter-best/adapter-last.safetensors",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         self.dirpath = dirpath
         self.save_best = save_best
-        self.last_path: str | None = None
-        self.best_path: str | None = None
-        self._best_source = ""
 
-    def _directory(self, trainer: Trainer) -> str | None:
-        if self.dirpath is not None:
-            return self.dirpath
-        callback = trainer.checkpoint_callback
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-            return str(callback.dirpath)
-        return None
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse to run without a RunCheckpoint (it would write files that do not match the checkpoints)."""
+        if stage == "fit" and not any(isinstance(c, RunCheckpoint) for c in trainer.callbacks):
+            raise ValueError(
+                "pefttune.callbacks.AdapterCheckpoint is replaced by pefttune.callbacks.RunCheckpoint("
+                "adapter_files=True): use it instead of lightning's ModelCheckpoint"
+            )
 
-    def _write(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        directory = self._directory(trainer)
-        if directory is None or trainer.sanity_checking:
+
+class CollapseDetector(Callback):
+    """Warn when training has collapsed: the loss stays at chance level, ``ln(batch size)``, step after step.
+
+    A contrastive model whose embeddings no longer depend on the input (after a learning rate far too high,
+    for instance) gives every pair the same similarity, so the InfoNCE loss sits at ``ln(batch size)`` per
+    direction (``2 ln(B)`` for losses summed over both directions) whatever the batch holds, and training
+    goes on for hours without learning. A step counts as collapsed when its loss is within ``tolerance``
+    (relative) of that level; after ``patience`` collapsed steps in a row one warning names the step, the
+    loss and the chance level. (Models start near chance, so ``patience`` should cover more than the first
+    steps. Sigmoid losses have no such fixed level and are not watched.)
+
+    Args:
+        patience: collapsed steps in a row before the warning.
+        tolerance: relative distance to chance level still counted as collapsed.
+    """
+
+    def __init__(self, patience: int = 200, tolerance: float = 0.01) -> None:
+        if patience < 1:
+            raise ValueError(f"CollapseDetector: patience must be positive, got {patience}")
+        self.patience = patience
+        self.tolerance = tolerance
+        self.warned_at: int | None = None
+        self._count = 0
+        self._first_step = 0
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Count steps at chance level; warn once after ``patience`` of them in a row."""
+        if self.warned_at is not None:
             return
-        if trainer.is_global_zero:
-            self.last_path = os.path.join(directory, "adapter-last.pt")
-            save_adapter(pl_module, self.last_path)  # type: ignore[arg-type]
-            callback = trainer.checkpoint_callback
-            best = getattr(callback, "best_model_path", "") or ""
-            if self.save_best and best and best != self._best_source:
-                self._best_source = best
-                self.best_path = os.path.join(directory, "adapter-best.pt")
-                save_adapter(pl_module, self.best_path)  # type: ignore[arg-type]
-        trainer.strategy.barrier("pefttune_adapter_checkpoint")
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        size = _batch_size(batch)
+        if not isinstance(loss, torch.Tensor) or size < 2:
+            return
+        value = float(loss.detach())
+        chance = math.log(size)
+        level = next((k for k in (1, 2) if abs(value - k * chance) <= self.tolerance * k * chance), None)
+        if level is None:
+            self._count = 0
+            return
+        if self._count == 0:
+            self._first_step = trainer.global_step
+        self._count += 1
+        if self._count >= self.patience:
+            self.warned_at = trainer.global_step
+            rank_zero_warn(
+                f"training has collapsed: the loss has stayed at chance level for {self._count} steps "
+                f"since step {self._first_step} (now {value:.4f}; {'' if level == 1 else '2 x '}ln(batch "
+                f"size {size}) = {level * chance:.4f}). The embeddings no longer depend on the input; lower "
+                "the learning rate (model.init_args.optimizer.init_args.lr) and restart from an earlier "
+                "checkpoint",
+                category=UserWarning,
+            )
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """After the epoch's validation and the ModelCheckpoint's save (it runs after user callbacks)."""
-        self._write(trainer, pl_module)
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """The final weights, whatever the checkpoint schedule was."""
-        self._write(trainer, pl_module)
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, dict):
+        for key in ("image_ids", "pixel_values", "input_ids"):
+            value = batch.get(key)
+            if isinstance(value, torch.Tensor) and value.ndim:
+                return int(value.shape[0])
+    return 0
 
-    def state_dict(self) -> dict[str, Any]:
-        """The best full checkpoint the adapter-best file was written for."""
-        return {"best_source": self._best_source}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the best checkpoint's path (so a resumed run does not rewrite adapter-best needlessly)."""
-        self._best_source = str(state_dict.get("best_source", ""))
+class ProgressLog(Callback):
+    """A plain progress line every ``every_n_steps`` steps, and one after every validation.
+
+    For logs written to a file (a batch job, ``pefttune fit ... > run.log``), where the progress bar's
+    carriage returns make an unreadable line. With ``when="auto"`` it prints only when standard output is
+    not a terminal (the progress bar is then the display); ``"always"`` and ``"never"`` force it.
+
+    Args:
+        every_n_steps: optimizer steps between two lines.
+        when: ``"auto"``, ``"always"`` or ``"never"``.
+    """
+
+    def __init__(self, every_n_steps: int = 50, when: Literal["auto", "always", "never"] = "auto") -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"ProgressLog: every_n_steps must be positive, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.when = when
+        self._start = 0.0
+        self._start_step = 0
+
+    def _active(self, trainer: Trainer) -> bool:
+        if self.when == "never" or not trainer.is_global_zero:
+            return False
+        return self.when == "always" or not sys.stdout.isatty()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Start the clock (steps per second are over this run's steps)."""
+        self._start = time.monotonic()
+        self._start_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Print ``epoch, step/total, loss, learning rate, steps per second`` every ``every_n_steps``."""
+        step = trainer.global_step
+        if not self._active(trainer) or step == 0 or step % self.every_n_steps:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        total = trainer.estimated_stepping_batches
+        parts.append(f"step {step}/{int(total)}" if math.isfinite(total) else f"step {step}")
+        if isinstance(loss, torch.Tensor):
+            parts.append(f"loss {float(loss.detach()):.4f}")
+        if trainer.optimizers:
+            parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.3g}")
+        elapsed = time.monotonic() - self._start
+        if elapsed > 0 and step > self._start_step:
+            parts.append(f"{(step - self._start_step) / elapsed:.2f} steps/s")
+        print("  ".join(parts), flush=True)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Print the validation metrics (rounded), and the best score so far."""
+        if not self._active(trainer) or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        metrics = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and ("R@" in k or "rsum" in k or "accuracy" in k)
+        }
+        if not metrics:
+            return
+        line = f"validation after epoch {trainer.current_epoch + 1}, step {trainer.global_step}: "
+        line += "  ".join(f"{k} {v:.2f}" for k, v in ordered_metrics(metrics).items())
+        callback = trainer.checkpoint_callback
+        best = getattr(callback, "best_model_score", None)
+        if isinstance(best, torch.Tensor):
+            line += f"  (best {getattr(callback, 'monitor', '')} {float(best):.2f})"
+        print(line, flush=True)
+
+
+def ordered_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Metrics in reading order: R@1, R@5, R@10 (per direction), then RSUM, then the rest by name."""
+
+    def key(name: str) -> tuple[int, str, int, str]:
+        stem = name.rsplit("/", 1)[-1]
+        direction, _, measure = stem.rpartition("_")
+        if measure.startswith("r") and measure[1:].isdigit():
+            return (0, direction, int(measure[1:]), name)
+        if measure.upper().startswith("R@") and measure[2:].isdigit():
+            return (0, direction, int(measure[2:]), name)
+        if "rsum" in stem:
+            return (1, "", 0, name)
+        return (2, "", 0, name)
+
+    return {name: metrics[name] for name in sorted(metrics, key=key)}

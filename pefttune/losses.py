@@ -42,14 +42,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# Re-exported: the loss documents the batch key ``image_hashes`` that this function fills.
+from pefttune.data.records import image_content_hash
+
 __all__ = [
+    "IMAGE_IDENTITIES",
     "ContrastiveLoss",
     "InfoNCELoss",
     "MultiPositiveInfoNCELoss",
     "SigLIPLoss",
     "gather_no_grad",
     "gather_with_grad",
+    "image_content_hash",
 ]
+
+#: How a multi-positive loss decides that two batch items show the same image: by the data set's image id,
+#: or by the content of the image file (byte-identical files are one image, whatever their ids).
+IMAGE_IDENTITIES: tuple[str, ...] = ("id", "content")
 
 
 def _world() -> tuple[int, int]:
@@ -222,6 +231,9 @@ class ContrastiveLoss(nn.Module):
     needs_bias: ClassVar[bool] = False
     init_scale: ClassVar[float | None] = None
     init_bias: ClassVar[float | None] = None
+    #: ``"content"``: the batch's ``image_hashes`` identify images instead of its ``image_ids``
+    #: (:class:`MultiPositiveInfoNCELoss` option; the other losses use no image identity).
+    image_identity: str = "id"
 
     def forward(
         self,
@@ -231,6 +243,7 @@ class ContrastiveLoss(nn.Module):
         logit_bias: Tensor | float | None = None,
         image_ids: Tensor | None = None,
         text_ids: Tensor | None = None,
+        image_hashes: Tensor | None = None,
     ) -> Tensor:
         """Compute this rank's loss.
 
@@ -243,22 +256,35 @@ class ContrastiveLoss(nn.Module):
             image_ids: ``[B_local]`` integer ids, equal for equal images across the whole dataset (not
                 batch-local indices). Used by losses with multiple positives, ignored otherwise.
             text_ids: ``[B_local]`` integer ids, equal for equal caption strings; as ``image_ids``.
+            image_hashes: ``[B_local]`` int64 content hashes of the image files
+                (:func:`image_content_hash`), the batch key ``image_hashes``; used instead of ``image_ids``
+                when ``image_identity == "content"``, required then.
 
         Returns:
             A 0-dim float32 (float64 for float64 inputs) loss; see the module docstring for how the
             per-rank values combine under DDP.
 
         Raises:
-            ValueError: On mismatched shapes, or a bias given to / missing from a loss.
+            ValueError: On mismatched shapes, a bias given to / missing from a loss, or missing
+                ``image_hashes`` under ``image_identity="content"``.
         """
         if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
             raise ValueError(
                 "image_embeds and text_embeds must both be [B, D] with the same shape, got "
                 f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}."
             )
-        for name, ids in (("image_ids", image_ids), ("text_ids", text_ids)):
+        for name, ids in (("image_ids", image_ids), ("text_ids", text_ids), ("image_hashes", image_hashes)):
             if ids is not None and tuple(ids.shape) != (image_embeds.shape[0],):
                 raise ValueError(f"{name} must have shape [{image_embeds.shape[0]}], got {tuple(ids.shape)}.")
+        if self.image_identity == "content":
+            if image_hashes is None:
+                raise ValueError(
+                    f"{type(self).__name__}(image_identity='content') needs the batch key 'image_hashes' "
+                    "(int64 [B], a content hash of each image file: pefttune.losses.image_content_hash), "
+                    "which this data module does not provide; use image_identity='id' or a data module "
+                    "that emits it"
+                )
+            image_ids = image_hashes
         if self.needs_bias and logit_bias is None:
             raise ValueError(f"{type(self).__name__} needs a logit_bias.")
         if not self.needs_bias and logit_bias is not None:
@@ -402,21 +428,38 @@ class MultiPositiveInfoNCELoss(ContrastiveLoss):
     Under DDP, embeddings are gathered with gradient and ids without; each rank computes its local
     anchors against the global batch (exact, like :class:`InfoNCELoss`'s default).
 
+    **Which images are the same.** ``image_identity="id"`` (default) compares the data set's image ids.
+    Web data holds the same image under several ids (re-uploads, mirrors); with ``"content"`` two items
+    are the same image when their files are byte-identical: the batch's ``image_hashes``
+    (:func:`image_content_hash` of each file's bytes) replace ``image_ids``, so duplicates are each
+    other's positives rather than negatives.
+
     Args:
         reduction_over_directions: ``"sum"`` (DueT) or ``"mean"`` of the two directions.
+        image_identity: ``"id"`` or ``"content"``.
     """
 
-    def __init__(self, reduction_over_directions: Literal["sum", "mean"] = "sum") -> None:
+    def __init__(
+        self,
+        reduction_over_directions: Literal["sum", "mean"] = "sum",
+        image_identity: Literal["id", "content"] = "id",
+    ) -> None:
         super().__init__()
         if reduction_over_directions not in ("sum", "mean"):
             raise ValueError(
                 f"reduction_over_directions must be 'sum' or 'mean', got {reduction_over_directions!r}."
             )
+        if image_identity not in IMAGE_IDENTITIES:
+            raise ValueError(f"image_identity must be one of {IMAGE_IDENTITIES}, got {image_identity!r}.")
         self.reduction_over_directions = reduction_over_directions
+        self.image_identity = image_identity
 
     def extra_repr(self) -> str:
-        """Show the reduction in the module's repr."""
-        return f"reduction_over_directions={self.reduction_over_directions!r}"
+        """Show the reduction and the image identity in the module's repr."""
+        return (
+            f"reduction_over_directions={self.reduction_over_directions!r}, "
+            f"image_identity={self.image_identity!r}"
+        )
 
     def compute(
         self,

@@ -8,6 +8,7 @@ classification batches (``"labels" in batch``, from
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -20,13 +21,28 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from pefttune.checkpointing import (
+    CHECKPOINT_KEY,
+    check_checkpoint_fits,
+    checkpoint_record,
+    record_hyperparameters,
+)
+from pefttune.data.cache import SharedIdSet, SkipsCachedImages
 from pefttune.data.contracts import ClassificationData, RetrievalData
 from pefttune.data.preprocessing import Preprocessing
 from pefttune.evaluation import ZeroShotEvaluation, ZeroShotMetric, text_prompt_prefix
+from pefttune.gradcache import (
+    average_gradients,
+    broadcast_from_first_rank,
+    cached_embeddings,
+    running_statistics,
+    split_batch,
+)
 from pefttune.layers.frozen_batchnorm import refreeze_batchnorm_statistics
 from pefttune.losses import ContrastiveLoss
-from pefttune.metrics import RetrievalMetrics
-from pefttune.optim import Constant, WarmupCosine
+from pefttune.metrics import DEFAULT_TIES, RetrievalMetrics
+from pefttune.metrics.functional import Ties, _check_ties
+from pefttune.optim import Constant, WarmupCosine, fused_variant
 from pefttune.strategies.base import PARAMETER_GROUPS, AdaptationStrategy, TextKind, TrainingTexts
 from pefttune.strategies.full import FullFineTune
 from pefttune.towers.base import ImageTower, TextTower
@@ -47,13 +63,19 @@ class NonFiniteLossError(RuntimeError):
 
 
 class _ForgetCachedFeatures:
-    """``load_state_dict`` post-hook that empties the locked image features cache (picklable)."""
+    """``load_state_dict`` post-hook that empties the locked image features cache (picklable).
 
-    def __init__(self, cache: dict[Any, torch.Tensor]) -> None:
+    It also empties the id sets through which the training loader skips the cached images.
+    """
+
+    def __init__(self, cache: dict[Any, torch.Tensor], skipped: list[SharedIdSet] | None = None) -> None:
         self.cache = cache
+        self.skipped = skipped if skipped is not None else []
 
     def __call__(self, _module: nn.Module, _incompatible_keys: Any) -> None:
         self.cache.clear()
+        for ids in self.skipped:
+            ids.clear()
 
 
 def training_texts(datamodule: object) -> TrainingTexts:
@@ -101,6 +123,21 @@ class DualEncoderModule(LightningModule):
             skips the step (on every rank together) and counts it.
         cache_locked_image_features: reuse a locked image tower's features across epochs when the training
             transform is deterministic (identical results, far fewer forward passes); videos per frame.
+        tie_rule: how retrieval ranks candidates that score exactly alike (``docs/protocol.md``): ``expected``
+            (the mean over random orders of the tied candidates; default), ``pessimistic`` or ``optimistic``.
+        grad_cache_chunk_size: train with gradient caching (GradCache, :mod:`pefttune.gradcache`): encode
+            the batch in chunks of this many rows without a graph, compute the loss over the whole batch,
+            then re-run each chunk with its embeddings' gradient. Same gradients as the full batch (exact
+            without BatchNorm in training mode) at the activation memory of one chunk, for a second
+            forward pass of the trainable towers. ``None`` (default) encodes the batch at once.
+        compile_towers: compile both towers with ``torch.compile`` when the model is set up for a run
+            (``True``, or the keyword arguments of ``torch.compile``, e.g. ``{"mode": "max-autotune"}``).
+            In-place (``nn.Module.compile``), so parameter names and checkpoints do not change.
+        channels_last: keep the image tower's convolution weights and its input images in the
+            channels-last memory layout (faster convolutions on GPUs with tensor cores; CNN towers).
+        fused_optimizer: build the optimizer with ``fused=True`` (one kernel per step for all parameters)
+            when its class takes that argument (Adam, AdamW, SGD, ...). ``None`` (default): on when the
+            trainable parameters are on a GPU.
         temporal: how video frames become one embedding (:mod:`pefttune.towers.temporal`); mean pooling
             (CLIP4Clip ``meanP``) when omitted. Used only by video batches (5-D ``pixel_values``).
     """
@@ -117,11 +154,30 @@ class DualEncoderModule(LightningModule):
         eval_chunk_size: int = 1024,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
         cache_locked_image_features: bool = True,
+        grad_cache_chunk_size: int | None = None,
+        compile_towers: bool | dict[str, Any] = False,
+        channels_last: bool = False,
+        fused_optimizer: bool | None = None,
+        tie_rule: Ties = DEFAULT_TIES,
         temporal: TemporalAggregator | None = None,
     ) -> None:
         super().__init__()
-        # No save_hyperparameters(): the towers and the strategy are modules, so the run's YAML (saved
-        # next to the logs by the CLI) is the record of how to rebuild the model, not the checkpoint.
+        _check_ties(tie_rule)
+        self.tie_rule: Ties = tie_rule
+        # Built by the CLI: the whole model config (load_from_checkpoint works without the YAML); in Python:
+        # the plain arguments only (towers, strategy, loss and factories are objects).
+        record_hyperparameters(
+            self, ["image_tower", "text_tower", "strategy", "loss", "optimizer", "lr_schedule"]
+        )
+        if grad_cache_chunk_size is not None and grad_cache_chunk_size < 1:
+            raise ValueError(f"grad_cache_chunk_size must be >= 1 or None, got {grad_cache_chunk_size}")
+        self.grad_cache_chunk_size = grad_cache_chunk_size
+        # Open while a GradCache step runs outside DDP's reducer: (its no_sync context, sync at the end?).
+        self._grad_cache_sync: tuple[contextlib.ExitStack, bool] | None = None
+        self.compile_towers = compile_towers
+        self.channels_last = channels_last
+        self.fused_optimizer = fused_optimizer
+        self._towers_compiled = False
         # None, not AdamW, as the default: jsonargparse would otherwise carry AdamW's defaults (eps,
         # weight_decay) over into another optimizer class chosen in a config.
         self.optimizer_factory = optimizer if optimizer is not None else torch.optim.AdamW
@@ -131,14 +187,21 @@ class DualEncoderModule(LightningModule):
         self.skipped_steps = 0
         # Keys: image id (images, normalised embeddings) or (video id, frame index) (videos, tower outputs).
         self._image_feature_cache: dict[Any, torch.Tensor] = {}
+        # Shared with the training dataset's workers: ids whose images need not be loaded (features cached).
+        self._skipped_image_ids: list[SharedIdSet] = []
         self.configure_towers(image_tower, text_tower)
         # New image-tower weights make cached features stale (also when a parent module loads them).
-        self.image_tower.register_load_state_dict_post_hook(_ForgetCachedFeatures(self._image_feature_cache))
+        self._forget_features = _ForgetCachedFeatures(self._image_feature_cache, self._skipped_image_ids)
+        self.image_tower.register_load_state_dict_post_hook(self._forget_features)
         self.configure_strategy(strategy or FullFineTune())
         self.configure_temporal(temporal)
         self.configure_losses(loss)
         self.configure_temperature()
         self.configure_metrics(tuple(retrieval_top_k), eval_chunk_size)
+        if channels_last:
+            # Module.to(memory_format=...) converts the 4-d (convolution) weights; moving the model to a
+            # device later preserves the layout.
+            self.image_tower.to(memory_format=torch.channels_last)
 
     # -- configure hooks ---------------------------------------------------------------------------
     def configure_towers(self, image_tower: ImageTower, text_tower: TextTower) -> None:
@@ -218,8 +281,8 @@ class DualEncoderModule(LightningModule):
 
     def configure_metrics(self, top_k: tuple[int, ...], chunk_size: int) -> None:
         """Retrieval and zero-shot classification metrics for validation and test."""
-        self.val_retrieval = RetrievalMetrics(ks=top_k, chunk_size=chunk_size)
-        self.test_retrieval = RetrievalMetrics(ks=top_k, chunk_size=chunk_size)
+        self.val_retrieval = RetrievalMetrics(ks=top_k, chunk_size=chunk_size, ties=self.tie_rule)
+        self.test_retrieval = RetrievalMetrics(ks=top_k, chunk_size=chunk_size, ties=self.tie_rule)
         self.val_zero_shot = ZeroShotMetric()
         self.test_zero_shot = ZeroShotMetric()
         self._zero_shot: ZeroShotEvaluation | None = None
@@ -233,16 +296,31 @@ class DualEncoderModule(LightningModule):
             eval_transform=self.image_tower.image_transform(train=False),
             tokenize=self.text_tower.tokenize,
             train_transform_is_deterministic=self.image_tower.train_transform_is_deterministic,
+            content_hashes=self.loss.image_identity == "content",
         )
 
     def setup(self, stage: str) -> None:
         """Hand the towers' preprocessing to the data module before its dataloaders are built."""
+        self.compile_towers_now()
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if isinstance(datamodule, RetrievalData):
             datamodule.attach_preprocessing(self.preprocessing)
         if isinstance(datamodule, ClassificationData):
             # Class prompts drop the words a learned text context plays (APEX: "a photo").
             datamodule.set_prompt_prefix(text_prompt_prefix(self.strategy))
+
+    def compile_towers_now(self) -> None:
+        """Compile the towers if ``compile_towers`` asks for it (once; called by ``setup``).
+
+        Runs in each process of a run (after DDP workers start), so that no compiled function has to be
+        pickled; a bare training loop calls it itself.
+        """
+        if not self.compile_towers or self._towers_compiled:
+            return
+        options = {} if self.compile_towers is True else dict(self.compile_towers)
+        self.image_tower.compile(**options)
+        self.text_tower.compile(**options)
+        self._towers_compiled = True
 
     # -- encoding ----------------------------------------------------------------------------------
     def embed_images(
@@ -257,7 +335,7 @@ class DualEncoderModule(LightningModule):
         if pixel_values.ndim == 4:
             if frame_mask is not None:
                 raise ValueError("frame_mask belongs to videos [B, T, C, H, W], but pixel_values is 4-D")
-            return self.image_tower(pixel_values)
+            return self._image_tower_forward(pixel_values)
         frames = self._frame_embeddings(pixel_values)
         return self.temporal(frames, frame_mask)
 
@@ -269,8 +347,14 @@ class DualEncoderModule(LightningModule):
                 f"got shape {tuple(pixel_values.shape)}"
             )
         batch, length = pixel_values.shape[:2]
-        frames = self.image_tower(pixel_values.flatten(0, 1))
+        frames = self._image_tower_forward(pixel_values.flatten(0, 1))
         return frames.reshape(batch, length, -1)
+
+    def _image_tower_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image tower on images [N, C, H, W] (in the channels-last layout when asked for)."""
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        return self.image_tower(pixel_values)
 
     def encode_images(
         self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None
@@ -297,9 +381,18 @@ class DualEncoderModule(LightningModule):
         missing = [i for i, image_id in enumerate(ids) if image_id not in self._image_feature_cache]
         if missing:
             index = torch.tensor(missing, device=batch["pixel_values"].device)
-            fresh = self.encode_images(batch["pixel_values"].index_select(0, index))
+            pixels = batch["pixel_values"].index_select(0, index)
+            if self._skipped_image_ids and torch.isnan(pixels).any():
+                raise RuntimeError(
+                    "the training loader skipped an image whose cached features are gone (the image tower's "
+                    "weights were reloaded during the epoch?); image ids "
+                    f"{[ids[i] for i in missing]}; set cache_locked_image_features=False to avoid skipping"
+                )
+            fresh = self.encode_images(pixels)
             for row, i in enumerate(missing):
                 self._image_feature_cache[ids[i]] = fresh[row].detach()
+            for skipped in self._skipped_image_ids:
+                skipped.add([ids[i] for i in missing])
         return torch.stack([self._image_feature_cache[image_id] for image_id in ids])
 
     def _cached_video_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -329,7 +422,7 @@ class DualEncoderModule(LightningModule):
         ]
         if missing:
             rows = torch.tensor([b * length + t for b, t in missing], device=pixel_values.device)
-            fresh = self.image_tower(pixel_values.flatten(0, 1).index_select(0, rows))
+            fresh = self._image_tower_forward(pixel_values.flatten(0, 1).index_select(0, rows))
             for row, (b, t) in enumerate(missing):
                 self._image_feature_cache[keys[b][t]] = fresh[row].detach()
         first_real = next((keys[b][t] for b in range(batch_size) for t in range(length) if real[b][t]), None)
@@ -362,7 +455,8 @@ class DualEncoderModule(LightningModule):
     def on_fit_start(self) -> None:
         """Restore frozen BatchNorm statistics, then give the strategy its chance to look at the data."""
         # Image ids are per data set: features cached by an earlier fit may belong to other images.
-        self._image_feature_cache.clear()
+        self._forget_features(self.image_tower, None)
+        self._skipped_image_ids.clear()
         # With trainer.sync_batchnorm, Lightning's DDP/FSDP setup (which runs before this hook) has replaced
         # every BatchNorm with a new SyncBatchNorm, dropping the hooks that keep a frozen backbone on its
         # running statistics: without this they would silently train. Before the strategy's own hook, which
@@ -374,10 +468,21 @@ class DualEncoderModule(LightningModule):
         texts = training_texts(self.trainer.datamodule) if wanted else TrainingTexts()
         self.strategy.on_fit_start(self, texts)
 
+    def on_train_start(self) -> None:
+        """Let the training loader skip images whose locked-tower features are cached (from epoch 2 on)."""
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if self._can_cache_image_features() and isinstance(dataset, SkipsCachedImages):
+            ids = SharedIdSet(dataset.num_images)
+            dataset.skip_images = ids
+            self._skipped_image_ids.append(ids)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         """One contrastive step over the (global) batch."""
-        image_embeds = self._training_image_embeddings(batch)
-        text_embeds = self.encode_texts(batch["input_ids"], batch["attention_mask"])
+        if self.grad_cache_chunk_size is not None:
+            image_embeds, text_embeds = self._grad_cache_embeddings(batch, self.grad_cache_chunk_size)
+        else:
+            image_embeds = self._training_image_embeddings(batch)
+            text_embeds = self.encode_texts(batch["input_ids"], batch["attention_mask"])
         loss = self.loss(
             image_embeds,
             text_embeds,
@@ -385,14 +490,93 @@ class DualEncoderModule(LightningModule):
             self.logit_bias,
             image_ids=batch.get("image_ids"),
             text_ids=batch.get("text_ids"),
+            image_hashes=batch.get("image_hashes"),
         )
         if not self._loss_is_finite(loss):
+            self._end_grad_cache_step(synchronise=False)  # no backward pass follows
             return self._handle_nonfinite_loss(loss)
         batch_size = image_embeds.shape[0]
         # Each rank holds its share of the global loss; their mean is the global loss.
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log("train/logit_scale", self.logit_scale_value.detach(), batch_size=batch_size)
         return loss
+
+    # -- gradient caching ----------------------------------------------------------------------------
+    def _grad_cache_embeddings(
+        self, batch: dict[str, torch.Tensor], chunk_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both towers' embeddings of the batch, computed chunk by chunk without a graph (GradCache).
+
+        Their backward pass re-runs the chunks of the trainable towers (:func:`cached_embeddings`); a
+        locked tower is only run once, chunk by chunk (its features may come from the feature cache).
+        """
+        self._begin_grad_cache_step()
+        # Videos keep their frame mask and indices with their rows.
+        image_keys = [k for k in ("pixel_values", "image_ids", "frame_mask", "frame_indices") if k in batch]
+        image_chunks = split_batch({key: batch[key] for key in image_keys}, chunk_size)
+        if self.image_tower.locked:
+            images = torch.cat([self._training_image_embeddings(chunk) for chunk in image_chunks])
+        else:
+            images = cached_embeddings(
+                lambda chunk: self.encode_images(chunk["pixel_values"], chunk.get("frame_mask")),
+                image_chunks,
+                modules=(self.image_tower, self.strategy),
+            )
+        text_chunks = split_batch({key: batch[key] for key in ("input_ids", "attention_mask")}, chunk_size)
+        encode_text = lambda chunk: self.encode_texts(chunk["input_ids"], chunk["attention_mask"])  # noqa: E731
+        if self.text_tower.locked:
+            texts = torch.cat([encode_text(chunk) for chunk in text_chunks])
+        else:
+            texts = cached_embeddings(encode_text, text_chunks, modules=(self.text_tower, self.strategy))
+        return images, texts
+
+    def _distributed_wrapper(self) -> nn.parallel.DistributedDataParallel | None:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        wrapper = self.trainer.strategy.model
+        if not isinstance(wrapper, nn.parallel.DistributedDataParallel):
+            raise RuntimeError(
+                "grad_cache_chunk_size needs a single device or DDP, not "
+                f"{type(self.trainer.strategy).__name__} (model wrapped in {type(wrapper).__name__}); set "
+                "grad_cache_chunk_size=None or use "
+                "strategy='ddp'"
+            )
+        return wrapper
+
+    def _begin_grad_cache_step(self) -> None:
+        """Keep this step's several backward passes out of DDP's reducer; gradients are averaged at the end.
+
+        Called inside DDP's forward (the training step): ``no_sync`` read now is Lightning's decision for
+        this step (no sync while accumulating), and leaving it on until the backward pass stops DDP from
+        expecting the one backward pass per forward its reducer is built for.
+        """
+        self._end_grad_cache_step(synchronise=False)
+        wrapper = self._distributed_wrapper()
+        if wrapper is None:
+            return
+        synchronise = wrapper.require_backward_grad_sync
+        stack = contextlib.ExitStack()
+        stack.enter_context(wrapper.no_sync())
+        self._grad_cache_sync = (stack, synchronise)
+
+    def _end_grad_cache_step(self, synchronise: bool) -> None:
+        if self._grad_cache_sync is None:
+            return
+        stack, step_synchronises = self._grad_cache_sync
+        self._grad_cache_sync = None
+        stack.close()
+        if not (synchronise and step_synchronises):
+            return
+        # What DDP's reducer would have done: average the gradients, then align the running statistics
+        # (DDP broadcasts rank 0's buffers before each forward; only BatchNorm's change in training).
+        average_gradients(p for p in self.parameters() if p.requires_grad)
+        if getattr(self.trainer.strategy.model, "broadcast_buffers", True):
+            broadcast_from_first_rank(running_statistics(self))
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Back-propagate; a GradCache step under DDP then averages the gradients over the ranks."""
+        super().backward(loss, *args, **kwargs)
+        self._end_grad_cache_step(synchronise=True)
 
     def _loss_is_finite(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).to(torch.float32)
@@ -428,6 +612,11 @@ class DualEncoderModule(LightningModule):
         groups = self.strategy.parameter_groups(self)
         groups = [{k: v for k, v in group.items() if k != "param_names"} for group in groups]
         optimizer = self.optimizer_factory(groups)
+        fused = self.fused_optimizer
+        if fused is None:
+            fused = any(p.is_cuda for group in groups for p in group["params"])
+        if fused:
+            optimizer = fused_variant(optimizer)
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = self.lr_schedule.build(optimizer, total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -567,6 +756,15 @@ class DualEncoderModule(LightningModule):
             "caption_ids": batch["caption_ids"].cpu(),
             "caption_image_ids": batch["caption_image_ids"].cpu(),
         }
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the strategy and its arguments, so a checkpoint that does not fit says who saved it."""
+        checkpoint[CHECKPOINT_KEY] = checkpoint_record(self)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, in a few lines, a checkpoint of another strategy or backbone (before the weights load)."""
+        check_checkpoint_fits(self, checkpoint, getattr(self._trainer, "ckpt_path", None))
 
     # -- reporting ---------------------------------------------------------------------------------
     def parameter_report(self) -> dict[str, Any]:

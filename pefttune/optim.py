@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,3 +56,34 @@ class Constant:
     def build(self, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
         """A scheduler that keeps the learning rate."""
         return LambdaLR(optimizer, lambda step: 1.0)
+
+
+def fused_variant(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The same optimizer (class, parameter groups, hyper-parameters) with ``fused=True``.
+
+    A fused optimizer updates all parameters of a device and dtype in one kernel, instead of a loop of
+    small kernels (``foreach`` is then off: the two exclude each other). Optimizers whose class takes no
+    ``fused`` argument, or that are fused already, are returned unchanged; so is one that already holds
+    state (a step was taken), which a rebuild would lose.
+
+    Args:
+        optimizer: A freshly built optimizer.
+
+    Returns:
+        A new optimizer of the same class with ``fused=True``, or ``optimizer`` itself.
+    """
+    cls = type(optimizer)
+    accepted = inspect.signature(cls.__init__).parameters
+    if "fused" not in accepted or optimizer.defaults.get("fused") or optimizer.state:
+        return optimizer
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    defaults.update(fused=True, foreach=None)
+    groups = []
+    for group in optimizer.param_groups:
+        # Each group carries every hyper-parameter (filled from the defaults); its fused/foreach win.
+        groups.append({**group, "fused": True, "foreach": None})
+    try:
+        return cls(groups, **defaults)
+    except (RuntimeError, ValueError) as error:  # e.g. differentiable=True, or unsupported parameters
+        log.warning("keeping the unfused %s: fused=True was refused (%s)", cls.__name__, error)
+        return optimizer

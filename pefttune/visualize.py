@@ -8,7 +8,8 @@ Three layers, each usable alone:
   The top-k come from :func:`pefttune.metrics.functional.topk_retrieval`.
 * :func:`collect_retrieval_examples`: run a model over evaluation batches and keep what the pictures need.
 * :class:`RetrievalPictureLogger`: a Lightning callback that logs the picture to TensorBoard after every
-  validation, and ``python -m pefttune.visualize`` (:func:`main`), which draws it for a trained checkpoint.
+  validation, and ``pefttune visualize`` (:func:`main`, also ``python -m pefttune.visualize``), which draws
+  it for a trained checkpoint.
 
 Videos (``pixel_values`` [B, T, C, H, W] with a ``frame_mask``) are drawn as a strip of their sampled frames
 side by side (:func:`frame_strip`), so a hit shows its motion; the rest of the picture is the same.
@@ -21,7 +22,6 @@ image's captions. Correct items get a green frame (images) or a green check mark
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import textwrap
 from collections import Counter
@@ -598,37 +598,28 @@ def _tensorboard_experiment(trainer: Trainer) -> Any:
 
 
 def build_datamodule_from_config(config_path: str, overrides: Sequence[str] = ()) -> Any:
-    """Instantiate only the ``data`` section of a fit config."""
-    import yaml
-    from jsonargparse import ArgumentParser
+    """Instantiate the ``data`` section of a fit config, with the CLI's own parser."""
+    from pefttune.cli import parse_config
 
-    from pefttune.data import ImageTextDataModule
-
-    with open(config_path, encoding="utf-8") as handle:
-        config = yaml.safe_load(handle) or {}
-    if "data" not in config:
-        raise KeyError(f"{config_path}: no 'data' section (expected data: {{class_path, init_args}})")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(ImageTextDataModule, "data", required=True)
-    parsed = parser.parse_args(["--data", json.dumps(config["data"]), *overrides])
-    return parser.instantiate_classes(parsed).data
+    return parse_config(config_path, overrides, build_data=True)[1]
 
 
-def main(argv: Sequence[str] | None = None) -> str:
-    """``python -m pefttune.visualize --config FILE [--ckpt_path CKPT] --output retrieval.png``.
+def main(argv: Sequence[str] | None = None) -> str | None:
+    """``pefttune visualize --config FILE [--ckpt_path CKPT] [--output retrieval.png] [overrides]``.
 
-    Builds the model and the data module from a fit config, loads the checkpoint's weights (none: the
-    untrained model), encodes the first ``--max_images`` images of the split, draws and writes the PNG.
+    Builds the model and the data module from a fit config with the same parser as ``pefttune fit``
+    (several ``--config``, shipped config names, dotted overrides, ``--print_config``, the config's seed),
+    loads the checkpoint's weights (none: the untrained model), encodes the first ``--max_images`` images of
+    the split, draws and writes the PNG. Also ``python -m pefttune.visualize``.
 
     Returns:
-        The path of the PNG.
+        The path of the PNG (None after ``--print_config``).
     """
-    from lightning.pytorch import seed_everything
+    from pefttune.checkpointing import load_checkpoint_weights
+    from pefttune.cli import parse_config
 
-    from pefttune.cli import build_model_from_config
-
-    parser = argparse.ArgumentParser(prog="python -m pefttune.visualize", description=main.__doc__)
-    parser.add_argument("--config", "-c", required=True, help="the fit config the model was trained with")
+    parser = argparse.ArgumentParser(prog="pefttune visualize", description=main.__doc__)
+    parser.add_argument("--config", "-c", action="append", required=True, help="the fit config of the model")
     parser.add_argument(
         "--ckpt_path", default=None, help="a Lightning checkpoint; omit for the untrained model"
     )
@@ -644,20 +635,13 @@ def main(argv: Sequence[str] | None = None) -> str:
         default=True,
         help="require the checkpoint's keys to match the model exactly (default true)",
     )
-    options = parser.parse_args(argv)
+    options, overrides = parser.parse_known_args(argv)
 
-    with open(options.config, encoding="utf-8") as handle:
-        import yaml
-
-        seed = (yaml.safe_load(handle) or {}).get("seed_everything")
-    if isinstance(seed, int):
-        seed_everything(seed, verbose=False)  # the same random heads as training built, before loading
-    model = build_model_from_config(options.config)
+    # The config's seed_everything is applied before the model is built (the same random heads as training).
+    model, datamodule, _ = parse_config(options.config, overrides, build_data=True)
     if options.ckpt_path:
-        state = torch.load(options.ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
-        model.load_state_dict(state, strict=options.strict)
+        load_checkpoint_weights(model, options.ckpt_path, strict=options.strict)
     model.eval()
-    datamodule = build_datamodule_from_config(options.config)
     datamodule.attach_preprocessing(model.preprocessing)
     stage = "test" if options.split == "test" else "validate"
     datamodule.setup(stage)

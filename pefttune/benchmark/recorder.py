@@ -10,7 +10,12 @@ shipped configs need not know about it. It records:
 * evaluation throughput of the test run (images and captions per second, metric computation included);
 * peak memory: the process's peak resident set size on CPU, the peak allocated CUDA memory on GPU;
 * the final validation and test metrics (``trainer.callback_metrics``) and training curves (the loss at
-  every step, validation metrics after every validation).
+  every step, validation metrics after every validation);
+* the per-query outcomes of the test retrieval (:class:`~pefttune.metrics.RankedQueries`), in
+  ``<path stem>.ranks.npz`` next to the JSON file, for paired comparisons between methods
+  (:mod:`pefttune.benchmark.stats`);
+* with ``forgetting_data`` (a config file with a ``data:`` section), that second data set's test metrics
+  before training and after the test, and their change (:mod:`pefttune.benchmark.forgetting`).
 
 The file is rewritten after fit and after test, so it always holds everything measured so far.
 """
@@ -27,6 +32,9 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+from pefttune.benchmark.forgetting import ForgettingEvaluation, forgetting_metrics
+from pefttune.metrics import RetrievalMetrics
 
 
 def peak_rss_bytes() -> int | None:
@@ -70,12 +78,18 @@ class BenchmarkRecorder(Callback):
     Args:
         path: The JSON file to write (its folder is created). Only global rank 0 writes.
         warmup_steps: Training batches left out of the throughput (lazy initialisation, allocator warm-up).
+        forgetting_data: A config file whose ``data:`` section is a second data set, evaluated before
+            training and after the test (``forget/before/*``, ``forget/after/*``, ``forget/change/*``).
     """
 
-    def __init__(self, path: str, warmup_steps: int = 1) -> None:
+    def __init__(self, path: str, warmup_steps: int = 1, forgetting_data: str | None = None) -> None:
         super().__init__()
         self.path = Path(path)
         self.warmup_steps = warmup_steps
+        self.forgetting_data = forgetting_data
+        self._forgetting: ForgettingEvaluation | None = None
+        self.forgetting_before: dict[str, float] = {}
+        self.forgetting_after: dict[str, float] = {}
         self.parameters: dict[str, Any] = {}
         self.train_step_times: list[float] = []
         self.train_samples = 0
@@ -88,6 +102,7 @@ class BenchmarkRecorder(Callback):
         self.eval_images = 0
         self.eval_captions = 0
         self.fit_seconds = 0.0
+        self.ranks_file: str | None = None
         self._last_mark: float | None = None
         self._fit_start = 0.0
         self._test_start = 0.0
@@ -106,6 +121,17 @@ class BenchmarkRecorder(Callback):
             }
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Evaluate the forgetting data set with the model before any training step."""
+        if self.forgetting_data is not None and not self.forgetting_before:
+            self.forgetting_before = self._forgetting_evaluation().evaluate(pl_module)  # type: ignore[arg-type]
+
+    def _forgetting_evaluation(self) -> ForgettingEvaluation:
+        if self._forgetting is None:
+            assert self.forgetting_data is not None
+            self._forgetting = ForgettingEvaluation.from_config(self.forgetting_data)
+        return self._forgetting
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Start timing the epoch's first batch (its data loading included)."""
@@ -170,7 +196,23 @@ class BenchmarkRecorder(Callback):
         # on_test_end comes after the epoch-end metric computation, so ranking is part of the time.
         self.eval_seconds = time.perf_counter() - self._test_start
         self.test_metrics = self._metrics(trainer, "test/")
+        self._save_query_ranks(trainer, pl_module)
+        if self.forgetting_data is not None:
+            self.forgetting_after = self._forgetting_evaluation().evaluate(pl_module)  # type: ignore[arg-type]
         self._write(trainer, pl_module)
+
+    @property
+    def ranks_path(self) -> Path:
+        """Where the test retrieval's per-query outcomes go (``recorder.json`` -> ``recorder.ranks.npz``)."""
+        return self.path.with_name(self.path.stem + ".ranks.npz")
+
+    def _save_query_ranks(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metric = getattr(pl_module, "test_retrieval", None)
+        queries = metric.last_queries if isinstance(metric, RetrievalMetrics) else None
+        if queries is None or trainer.global_rank != 0:
+            return
+        queries.save(self.ranks_path)
+        self.ranks_file = self.ranks_path.name
 
     # -- output ------------------------------------------------------------------------------------
     @staticmethod
@@ -189,7 +231,12 @@ class BenchmarkRecorder(Callback):
         rss = peak_rss_bytes()
         return {
             "parameters": self.parameters,
-            "metrics": {**self.val_metrics, **self.test_metrics},
+            "metrics": {
+                **self.val_metrics,
+                **self.test_metrics,
+                **forgetting_metrics(self.forgetting_before, self.forgetting_after),
+            },
+            "forgetting_data": self.forgetting_data,
             # The evaluation caption protocol ("all" / "one" caption per item): the metrics depend on it.
             "protocol": getattr(pl_module, "caption_protocol", None),
             "throughput": {
@@ -212,6 +259,7 @@ class BenchmarkRecorder(Callback):
                 else None,
             },
             "fit_seconds": self.fit_seconds,
+            "query_ranks": self.ranks_file,
             "world_size": trainer.world_size,
             "torch_threads": torch.get_num_threads(),
             "curves": {"train_loss": self.loss_curve, "val": self.val_curve},

@@ -20,6 +20,7 @@ A suite is a YAML file::
         config: configs/full.yaml
         overrides:
           data.init_args.batch_size: 32
+    forgetting: configs/forgetting/x.yaml  # optional: a second data set evaluated before and after
 
 ``methods`` names registered methods (:mod:`pefttune.strategies.registry`) or others: an entry of a
 registered method may leave out ``config`` (its offline config is used); a list of names is short for entries
@@ -69,6 +70,8 @@ class RunSpec:
         seed: The seed (``seed_everything``).
         configs: Config files in composition order (the method's first).
         overrides: Resolved dotted overrides, in order.
+        forgetting: A config file (``data:`` section) of a second data set to evaluate before and after
+            adaptation (:mod:`pefttune.benchmark.forgetting`), or None.
     """
 
     dataset: str
@@ -76,6 +79,7 @@ class RunSpec:
     seed: int
     configs: tuple[str, ...]
     overrides: tuple[tuple[str, Any], ...]
+    forgetting: str | None = None
 
     @property
     def run_id(self) -> str:
@@ -198,6 +202,7 @@ class Suite:
         output: Default output folder.
         path: The file it was read from.
         extra_overrides: Applied after everything else (``pefttune sweep --set``).
+        forgetting: Config file of a second data set evaluated before and after adaptation, or None.
     """
 
     name: str
@@ -209,6 +214,7 @@ class Suite:
     output: str | None = None
     path: str | None = None
     extra_overrides: dict[str, Any] = field(default_factory=dict)
+    forgetting: str | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> Suite:
@@ -221,7 +227,8 @@ class Suite:
     def from_dict(cls, raw: Mapping[str, Any], path: str | None = None) -> Suite:
         """Check a suite given as a dict."""
         where = path or "suite"
-        unknown = set(raw) - {"name", "output", "seeds", "variables", "overrides", "datasets", "methods"}
+        known = {"name", "output", "seeds", "variables", "overrides", "datasets", "methods", "forgetting"}
+        unknown = set(raw) - known
         if unknown:
             raise SuiteError(f"{where}: unknown keys {sorted(unknown)}")
         methods = _methods(raw.get("methods"), where)
@@ -243,6 +250,7 @@ class Suite:
             variables=_mapping(raw.get("variables"), f"{where}: variables"),
             output=raw.get("output"),
             path=path,
+            forgetting=None if raw.get("forgetting") is None else str(raw["forgetting"]),
         )
 
     def runs(
@@ -283,5 +291,8 @@ class Suite:
                     resolved = tuple((k, _substitute(v, context, where)) for k, v in merged.items())
                     configs = (mspec["config"], *dspec["configs"])
                     configs = tuple(str(_substitute(c, context, where)) for c in configs)
-                    runs.append(RunSpec(dataset, method, int(seed), configs, resolved))
+                    forgetting = (
+                        None if self.forgetting is None else str(_substitute(self.forgetting, context, where))
+                    )
+                    runs.append(RunSpec(dataset, method, int(seed), configs, resolved, forgetting))
         return runs

@@ -112,10 +112,12 @@ def fit_command(run: RunSpec, directory: Path, python: str = sys.executable) -> 
 
     The run's overrides are read from ``<directory>/overrides.yaml`` (see :func:`write_overrides`).
     """
-    recorder = {
+    recorder: dict[str, Any] = {
         "class_path": "pefttune.benchmark.recorder.BenchmarkRecorder",
         "init_args": {"path": str(directory / "recorder.json")},
     }
+    if run.forgetting is not None:
+        recorder["init_args"]["forgetting_data"] = str(Path(run.forgetting).resolve())
     return [
         python,
         "-m",
@@ -221,6 +223,9 @@ def execute_run(
             checkpoint.unlink()
     path = result_path(output, run)
     path.parent.mkdir(parents=True, exist_ok=True)
+    ranks = directory / "recorder.ranks.npz"
+    if ranks.exists():  # per-query test ranks, for paired comparisons (pefttune.benchmark.stats)
+        shutil.copyfile(ranks, path.with_name(f"{run.slug}.ranks.npz"))
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
     # Written last and atomically: a result file exists only for a run that finished.
@@ -306,6 +311,7 @@ def sweep_main(argv: Sequence[str]) -> dict[str, list[str]]:
 
     Exits with status 1 when a run failed (after running and aggregating the others).
     """
+    # --snake_case like the LightningCLI subcommands; the --kebab-case spellings still work.
     parser = argparse.ArgumentParser(prog="pefttune sweep", description=sweep_main.__doc__)
     parser.add_argument("--config", "-c", required=True, help="a suite file (benchmarks/*.yaml)")
     parser.add_argument("--output", "-o", help="output folder (default: the suite's 'output')")
@@ -320,11 +326,17 @@ def sweep_main(argv: Sequence[str]) -> dict[str, list[str]]:
     parser.add_argument("--methods", help="comma-separated subset of the suite's methods")
     parser.add_argument("--datasets", help="comma-separated subset of the suite's datasets")
     parser.add_argument("--seeds", help="comma-separated seeds instead of the suite's")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    parser.add_argument("--aggregate-only", action="store_true", help="only rebuild tables and plots")
-    parser.add_argument("--no-aggregate", action="store_true", help="skip tables and plots")
-    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints")
-    parser.add_argument("--stop-on-error", action="store_true", help="stop at the first failed run")
+    parser.add_argument("--dry_run", "--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument(
+        "--aggregate_only", "--aggregate-only", action="store_true", help="only rebuild tables and plots"
+    )
+    parser.add_argument("--no_aggregate", "--no-aggregate", action="store_true", help="skip tables and plots")
+    parser.add_argument(
+        "--keep_checkpoints", "--keep-checkpoints", action="store_true", help="keep each run's checkpoints"
+    )
+    parser.add_argument(
+        "--stop_on_error", "--stop-on-error", action="store_true", help="stop at the first failed run"
+    )
     parser.add_argument("--echo", action="store_true", help="stream each run's output here too")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the runs")
     parser.add_argument(

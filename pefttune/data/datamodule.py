@@ -21,6 +21,7 @@ from typing import Any, Literal
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from pefttune.data.cache import DecodedImageCache, resizes_or_crops, split_transform
 from pefttune.data.datasets import (
     EpochDataLoader,
     EvalCollate,
@@ -115,6 +116,11 @@ class ImageTextDataModule(LightningDataModule):
         max_train_samples: Keep only the first N training items (pairs, or items with ``"sample"``) per epoch.
         max_eval_images: Keep only the first N items of each evaluation split.
         seed: Seed of the default synthetic data, the training shuffle, the caption draw and frame offsets.
+        image_cache_dir: Keep decoded, resized images in memory-mapped uint8 files under this folder
+            (:class:`~pefttune.data.cache.DecodedImageCache`), so that later epochs and later runs skip
+            decoding and resizing: evaluation images always, training images when the training transform
+            resizes before any random step (video frames are not cached). None (default) decodes every
+            image every time.
         format: Deprecated, with a string ``source``: the file format; use a source class instead.
         image_root: Deprecated: the source's ``image_root``.
         restval_split: Deprecated: ``Karpathy(restval_split=...)``.
@@ -158,6 +164,7 @@ class ImageTextDataModule(LightningDataModule):
         max_train_samples: int | None = None,
         max_eval_images: int | None = None,
         seed: int = 0,
+        image_cache_dir: str | None = None,
         format: str | None = None,
         image_root: str | None = None,
         restval_split: str | None = None,
@@ -212,6 +219,7 @@ class ImageTextDataModule(LightningDataModule):
         self.max_train_samples = max_train_samples
         self.max_eval_images = max_eval_images
         self.seed = seed
+        self.image_cache_dir = image_cache_dir
         self.preprocessing: Preprocessing | None = None
         self._report = SkipReport()
         self._logged_skips = 0
@@ -468,7 +476,9 @@ class ImageTextDataModule(LightningDataModule):
             stream = source.training_stream(
                 split=str(self.split_names["train"]),
                 captions_per_image=self.captions_per_image,
-                load_item=ItemLoader(preprocessing.train_transform, self.sampler),
+                load_item=ItemLoader(
+                    preprocessing.train_transform, self.sampler, preprocessing.content_hashes
+                ),
                 seed=self.seed,
                 batch_size=self.batch_size,
                 drop_last=self.drop_last,
@@ -494,8 +504,10 @@ class ImageTextDataModule(LightningDataModule):
             seed=self.seed,
             max_items=self.max_train_samples,
             sampler=self.sampler,
+            content_hashes=preprocessing.content_hashes,
         )
         self._check_enough(len(dataset), world_size, source)
+        self._use_image_cache(dataset, preprocessing.train_transform, training=True)
         return EpochDataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -527,6 +539,7 @@ class ImageTextDataModule(LightningDataModule):
             eval_captions=self.eval_captions,
             sampler=self.sampler,
         )
+        self._use_image_cache(dataset, preprocessing.eval_transform, training=False)
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
@@ -534,6 +547,21 @@ class ImageTextDataModule(LightningDataModule):
             collate_fn=EvalCollate(preprocessing.tokenize),
             drop_last=False,
             **self._worker_options(),
+        )
+
+    def _use_image_cache(self, dataset: Any, transform: Any, training: bool) -> None:
+        """Serve ``dataset``'s images from a decoded-image cache when ``image_cache_dir`` is set."""
+        if self.image_cache_dir is None:
+            return
+        prefix, _ = split_transform(transform)
+        if training and not resizes_or_crops(prefix):
+            logger.info(
+                "image_cache_dir: training images are decoded every epoch (the training transform's first "
+                "step after the conversion to a tensor is random, so there is nothing fixed to cache)"
+            )
+            return
+        dataset.image_cache = DecodedImageCache(
+            self.image_cache_dir, transform, [record.image for record in dataset.records]
         )
 
     def val_dataloader(self) -> DataLoader | list[Any]:

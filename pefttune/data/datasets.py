@@ -46,15 +46,18 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from pefttune.data.cache import SharedIdSet
 from pefttune.data.preprocessing import ImageTransform, Tokenize
 from pefttune.data.records import (
     DataFormatError,
+    EncodedImage,
     ErrorPolicy,
     ImageCaptionRecord,
     ImageLoadError,
     ImageSource,
     OnError,
     SkipReport,
+    image_content_hash,
     normalize_caption,
 )
 from pefttune.data.video import FrameSampler, Video
@@ -174,6 +177,39 @@ def load_image(source: ImageSource, *, record: str = "image") -> Image.Image:
             f"cannot load image {name}: {type(err).__name__}: {err} ({record}); the file may be truncated, "
             "corrupt or not an image"
         ) from err
+
+
+def encoded_image_bytes(source: ImageSource | Video, *, record: str = "image") -> bytes:
+    """The bytes that identify an image's content: the file as stored (before decoding).
+
+    A file path is read; encoded bytes are themselves; a lazy tar member gives its bytes; a rendered image
+    (a callable, such as the synthetic scenes) gives its mode, size and pixels.
+
+    Args:
+        source: The record's image source.
+        record: Names the record in error messages.
+
+    Raises:
+        DataFormatError: For a video, which has no single file content to compare.
+        ImageLoadError: If the file cannot be read.
+    """
+    if isinstance(source, Video):
+        raise DataFormatError(
+            f"image content identity (image_identity='content') needs image files, but {record} is a video "
+            f"({source.describe()}); use image_identity='id' for video data"
+        )
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            with open(source, "rb") as handle:
+                return handle.read()
+        except OSError as err:
+            raise ImageLoadError(f"cannot read image file {os.fspath(source)}: {err} ({record})") from err
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, EncodedImage):
+        return source.read()
+    image = load_image(source, record=record)
+    return f"{image.mode}:{image.size}:".encode() + image.tobytes()
 
 
 def check_images(
@@ -314,15 +350,34 @@ class ItemLoader:
         sampler: Frame sampler for video records.
     """
 
-    def __init__(self, transform: ImageTransform | None, sampler: FrameSampler | None = None) -> None:
+    def __init__(
+        self,
+        transform: ImageTransform | None,
+        sampler: FrameSampler | None = None,
+        content_hashes: bool = False,
+    ) -> None:
         self.transform = transform
         self.sampler = sampler if sampler is not None else FrameSampler()
+        # Items then carry ``image_hash`` (the file's content hash), memoised per image id: a file is read
+        # for it once per process, not once per epoch.
+        self.content_hashes = content_hashes
+        self._hashes: dict[str, int] = {}
         # A decoded-image cache (pefttune.data.cache, set by the data module): ``load(source, decode)`` gives
         # the transformed image, decoding with ``decode()`` only on a miss. Images only (not video frames).
         self.image_cache: Any = None
 
     def __call__(self, record: ImageCaptionRecord, rng: np.random.Generator | None = None) -> dict[str, Any]:
         """Load and transform; ``rng`` draws the training frame offsets (None: evaluation)."""
+        item = self._load(record, rng)
+        if self.content_hashes:
+            if record.image_id not in self._hashes:
+                self._hashes[record.image_id] = image_content_hash(
+                    encoded_image_bytes(record.image, record=record.describe())
+                )
+            item["image_hash"] = self._hashes[record.image_id]
+        return item
+
+    def _load(self, record: ImageCaptionRecord, rng: np.random.Generator | None) -> dict[str, Any]:
         if not isinstance(record.image, Video):
             if self.image_cache is not None:
                 decode = lambda: load_image(record.image, record=record.describe())  # noqa: E731
@@ -390,6 +445,7 @@ class PairDataset(_RecordDataset):
         seed: Seed of the caption draw and of the frame offsets.
         max_items: Keep only the first ``max_items`` items (quick runs).
         sampler: Frame sampler for video records.
+        content_hashes: Items also carry ``image_hash``, the content hash of the image file.
     """
 
     def __init__(
@@ -401,16 +457,42 @@ class PairDataset(_RecordDataset):
         seed: int = 0,
         max_items: int | None = None,
         sampler: FrameSampler | None = None,
+        content_hashes: bool = False,
     ) -> None:
         if captions_per_image not in ("all", "sample"):
             raise ValueError(f"captions_per_image must be 'all' or 'sample', got {captions_per_image!r}")
-        super().__init__(records, ItemLoader(transform, sampler))
+        super().__init__(records, ItemLoader(transform, sampler, content_hashes))
         self.captions_per_image = captions_per_image
         self.seed = seed
         full = self.index.num_captions if captions_per_image == "all" else len(self.index.records)
         self._length = full if max_items is None else max(0, min(full, max_items))
         # Shared memory, so that persistent DataLoader workers see the epoch set in the main process.
         self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+        # Set by a model that caches a locked tower's image features (pefttune.data.cache.SkipsCachedImages).
+        self.skip_images: SharedIdSet | None = None
+        self._skipped_image: torch.Tensor | None = None
+
+    @property
+    def num_images(self) -> int:
+        """One more than the largest image id (ids are record positions)."""
+        return len(self.index.records)
+
+    def _is_skipped(self, record_index: int, record: ImageCaptionRecord) -> bool:
+        return (
+            self.skip_images is not None
+            and self.loader.transform is not None
+            and not isinstance(record.image, Video)
+            and record_index in self.skip_images
+        )
+
+    def _skipped_item(self) -> dict[str, Any]:
+        """What a skipped image yields: NaN pixels in the transform's output shape."""
+        if self._skipped_image is None:
+            # The (deterministic) transform's output shape, from a blank image; NaN, so that it cannot pass
+            # for an image if it ever reached a tower (the model checks).
+            shape = self.loader.transform(Image.new("RGB", (8, 8))).shape
+            self._skipped_image = torch.full(tuple(shape), float("nan"))
+        return {"image": self._skipped_image}
 
     @property
     def epoch(self) -> int:
@@ -436,7 +518,9 @@ class PairDataset(_RecordDataset):
             position = int(np.random.default_rng([self.seed, self.epoch, index]).integers(count))
         record = self.index.records[record_index]
         frame_rng = np.random.default_rng([self.seed, self.epoch, index, 1])
-        return self.loader(record, frame_rng) | {
+        skipped = self._is_skipped(record_index, record)
+        loaded = self._skipped_item() if skipped else self.loader(record, frame_rng)
+        return loaded | {
             "caption": record.captions[position],
             "image_id": record_index,
             "caption_id": int(self.index.caption_offsets[record_index]) + position,
@@ -546,13 +630,16 @@ class TrainCollate:
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Stack images, tokenize captions and gather ids."""
         input_ids, attention_mask = _tokenize(self.tokenize, [item["caption"] for item in items])
-        return _stack_images(items) | {
+        batch = _stack_images(items) | {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "image_ids": _ids([item["image_id"] for item in items]),
             "caption_ids": _ids([item["caption_id"] for item in items]),
             "text_ids": _ids([item["text_id"] for item in items]),
         }
+        if "image_hash" in items[0]:
+            batch["image_hashes"] = _ids([item["image_hash"] for item in items])
+        return batch
 
 
 class EvalCollate:

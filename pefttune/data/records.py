@@ -13,12 +13,13 @@ With ``on_error="skip"`` the bad caption or record is dropped, counted by reason
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Literal, Protocol, Union, runtime_checkable
 
 from PIL import Image
 
@@ -33,6 +34,33 @@ OnError = Literal["raise", "skip"]
 # dataset renders on the fly; WebDataset evaluation reads a tar member lazily) -- or, for video, a `Video`
 # (pefttune.data.video): frames are sampled from it when the item is loaded.
 ImageSource = Union[str, os.PathLike, bytes, Callable[[], Image.Image], "Video"]
+
+
+@runtime_checkable
+class EncodedImage(Protocol):
+    """A lazily read encoded image file (a tar member): calling it opens the image, ``read`` gives bytes."""
+
+    def read(self) -> bytes:
+        """The encoded file's bytes, as stored."""
+        ...
+
+    def __call__(self) -> Image.Image:
+        """The image, opened from those bytes."""
+        ...
+
+
+def image_content_hash(data: bytes) -> int:
+    """The value of the batch key ``image_hashes`` for an image file's raw bytes.
+
+    The first 8 bytes of BLAKE2b over the file's bytes (before decoding), as a signed 64-bit integer (fits
+    ``torch.int64``). Equal bytes give equal values in every process and every run (unlike Python's
+    ``hash``), so ids compare correctly across DDP ranks; distinct files collide with probability about
+    ``n^2 / 2^65``.
+
+    Args:
+        data: the encoded image file (JPEG, PNG, ...), exactly as stored.
+    """
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
 class DataError(ValueError):

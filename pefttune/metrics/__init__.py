@@ -6,12 +6,19 @@ processes and call them.
 """
 
 from pefttune.metrics.functional import (
+    DEFAULT_TIES,
+    QueryOutcomes,
+    collapse_diagnostics,
+    effective_rank,
+    embedding_spread,
+    metrics_from_outcomes,
     metrics_from_ranks,
     retrieval_metrics,
+    retrieval_outcomes,
     retrieval_ranks,
     topk_retrieval,
 )
-from pefttune.metrics.retrieval import RetrievalMetrics
+from pefttune.metrics.retrieval import RankedQueries, RetrievalMetrics
 from pefttune.metrics.zeroshot import (
     ZeroShotAccuracy,
     class_embeddings,
@@ -21,12 +28,20 @@ from pefttune.metrics.zeroshot import (
 )
 
 __all__ = [
+    "DEFAULT_TIES",
+    "QueryOutcomes",
+    "RankedQueries",
     "RetrievalMetrics",
     "ZeroShotAccuracy",
     "class_embeddings",
+    "collapse_diagnostics",
+    "effective_rank",
+    "embedding_spread",
     "harmonic_mean",
+    "metrics_from_outcomes",
     "metrics_from_ranks",
     "retrieval_metrics",
+    "retrieval_outcomes",
     "retrieval_ranks",
     "top1_accuracy",
     "topk_retrieval",

@@ -8,16 +8,25 @@ captions (COCO 5k and Flickr30k 1k have five):
   top K (a hit rate, not information-retrieval recall).
 * **Text -> image.** The candidates are all images. Each caption has exactly one relevant image.
 
-**Ranks and ties.** The rank of a query is ``1 + (number of candidates whose score is strictly higher
-than the best relevant candidate's score)`` (``ties="optimistic"``, the default). This is the position
-of the first relevant candidate after a stable sort by descending score in which, among equal scores,
-relevant candidates are listed before the others. With ``ties="pessimistic"`` ties are resolved against
-the query: ``1 + (number of non-relevant candidates scoring at least as high as the best relevant
-one)``. The two agree unless a relevant candidate ties with a non-relevant one, which happens with
-exact duplicates (COCO contains identical captions of different images) or with collapsed
-embeddings; a fully collapsed model gets R@1 = 100 under the optimistic rule and the worst possible
-ranks under the pessimistic one. Sort-based code (``argsort``, ``topk``) orders ties in an
-implementation-defined way, so on ties it can disagree with both rules.
+**Ranks and ties.** A query's outcome is three counts: the non-relevant candidates scoring strictly
+higher than its best relevant candidate (``ahead``), those scoring exactly as high (``tied``) and the
+relevant candidates at that best score (:class:`QueryOutcomes`). A tie rule turns them into a rank:
+
+* ``ties="expected"`` (the default): the tied candidates are put in a uniformly random order and the
+  metric is its expectation: rank ``1 + ahead + tied / (relevant_at_best + 1)`` and R@K the probability
+  that a relevant candidate lands in the top K. A fully collapsed model (every score equal) scores
+  chance: R@1 = (captions of the image) / (all captions) image-to-text, 1 / N_img text-to-image.
+* ``ties="pessimistic"``: ties go against the query, rank ``1 + ahead + tied``; a collapsed model gets
+  the worst possible ranks (below chance).
+* ``ties="optimistic"``: ties favour the query, rank ``1 + ahead``; a collapsed model scores R@1 = 100.
+  Kept for comparison with older numbers only: it flatters whatever produces ties.
+
+The rules agree unless a relevant candidate ties with a non-relevant one, which happens with exact
+duplicates (identical captions of different images, byte-identical images) or with collapsed
+embeddings; :class:`~pefttune.metrics.RetrievalMetrics` reports how many queries tied. Sort-based code
+(``argsort``, ``topk``, and so CLIP_benchmark and LAVIS) orders ties in an implementation-defined way
+that has nothing to do with relevance; ``expected`` is the mean of what such code reports over all
+orders of the tied candidates, without depending on one. ``docs/protocol.md`` gives the reasoning.
 
 **All-zero embeddings.** A zero vector scores exactly 0 against everything, so under the optimistic rule
 it would tie its way to rank 1. A ReLU tower can legitimately output one (every channel of its pooled
@@ -42,6 +51,7 @@ the embeddings.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -49,16 +59,25 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_KS",
+    "DEFAULT_TIES",
+    "QueryOutcomes",
     "Ties",
+    "collapse_diagnostics",
+    "effective_rank",
+    "embedding_spread",
+    "metrics_from_outcomes",
     "metrics_from_ranks",
     "retrieval_metrics",
+    "retrieval_outcomes",
     "retrieval_ranks",
     "topk_retrieval",
 ]
 
-Ties = Literal["optimistic", "pessimistic"]
+Ties = Literal["expected", "pessimistic", "optimistic"]
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
-_TIES: tuple[str, ...] = ("optimistic", "pessimistic")
+#: The rule that cannot flatter a model: ties cost what a random order of the tied candidates costs.
+DEFAULT_TIES: Ties = "expected"
+_TIES: tuple[str, ...] = ("expected", "pessimistic", "optimistic")
 # How many offending ids an error message lists before eliding the rest.
 _MAX_LISTED = 10
 
@@ -180,28 +199,97 @@ def _validated(
 _EXACT_FLOAT_COUNT = 2**24
 
 
-def _count_ahead(scores: Tensor, threshold: Tensor, inclusive: bool) -> Tensor:
-    """Per row, the number of scores above ``threshold`` (or equal to it, if ``inclusive``).
+def _count_above_and_equal(scores: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, the number of scores strictly above ``threshold`` and the number exactly equal to it.
 
-    Destroys ``scores``: the comparison writes its 0/1 result into the score block itself, so counting
-    needs no extra memory and is about three times faster than summing a boolean mask (which torch
-    first converts to int64).
+    Destroys ``scores``: after the equality count, the strict comparison writes its 0/1 result into the
+    score block itself, so that count needs no extra memory and is about three times faster than
+    summing a boolean mask (which torch first converts to int64).
     """
-    counts = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    above = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    equal = torch.zeros_like(above)
     for start in range(0, scores.shape[1], _EXACT_FLOAT_COUNT):
         block = scores[:, start : start + _EXACT_FLOAT_COUNT]
-        counts += (block.ge_(threshold) if inclusive else block.gt_(threshold)).sum(1).long()
-    return counts
+        equal += (block == threshold).sum(1)
+        above += block.gt_(threshold).sum(1).long()
+    return above, equal
 
 
-def _image_to_text_ranks(
-    images: Tensor, texts: Tensor, owner: Tensor, chunk_size: int, ties: Ties, zero_texts: Tensor
-) -> Tensor:
+@dataclass(frozen=True)
+class QueryOutcomes:
+    """Where each query's best relevant candidate landed, before any tie rule is applied.
+
+    Every tie rule is a function of three counts per query, so keeping them (rather than ranks) lets one
+    evaluation be reported under any rule and lets per-query hit rates be recomputed later (the paired
+    bootstrap of :mod:`pefttune.benchmark.stats` reads them from a run's saved ranks).
+
+    Attributes:
+        ahead: Non-relevant candidates scoring strictly higher than the best relevant one [N] (long).
+        tied: Non-relevant candidates scoring exactly as high as the best relevant one [N] (long).
+        relevant_at_best: Relevant candidates at that best score [N] (long, >= 1): image-to-text, an
+            image's captions that tie with each other; always 1 text-to-image.
+    """
+
+    ahead: Tensor
+    tied: Tensor
+    relevant_at_best: Tensor
+
+    def ranks(self, ties: Ties = "expected") -> Tensor:
+        """Per-query rank under a tie rule.
+
+        Returns:
+            ``optimistic``: ``1 + ahead``; ``pessimistic``: ``1 + ahead + tied`` (both ``torch.long``);
+            ``expected``: ``1 + ahead + tied / (relevant_at_best + 1)`` (float64), the mean position of
+            the first relevant candidate when tied candidates are put in a uniformly random order.
+        """
+        _check_ties(ties)
+        if ties == "optimistic":
+            return self.ahead + 1
+        if ties == "pessimistic":
+            return self.ahead + self.tied + 1
+        return 1.0 + self.ahead.double() + self.tied.double() / (self.relevant_at_best.double() + 1.0)
+
+    def hit_rate(self, k: int, ties: Ties = "expected") -> Tensor:
+        """Per-query probability that a relevant item is in the top ``k`` (0 or 1 for the fixed rules).
+
+        Under ``expected`` the ``t`` tied non-relevant and ``r`` tied relevant candidates take a uniformly
+        random order after the ``ahead`` ones; a relevant one is among the first ``m = k - ahead`` of that
+        block unless all ``m`` are non-relevant: ``P = 1 - C(t, m) / C(t + r, m)`` for ``0 <= m <= t``
+        (0 for ``m <= 0``, 1 for ``m > t``).
+
+        Returns:
+            float64 [N].
+        """
+        _check_ties(ties)
+        if ties != "expected":
+            return (self.ranks(ties) <= k).double()
+        t = self.tied.double()
+        r = self.relevant_at_best.double()
+        m = (k - self.ahead).double()
+        inside = m.clamp(min=0.0).minimum(t)
+        # log C(t, m) - log C(t + r, m), with lgamma for large counts.
+        log_ratio = torch.lgamma(t + 1) - torch.lgamma(t - inside + 1)
+        log_ratio = log_ratio - torch.lgamma(t + r + 1) + torch.lgamma(t + r - inside + 1)
+        probability = 1.0 - torch.exp(log_ratio)
+        probability = torch.where(m <= 0, torch.zeros_like(probability), probability)
+        return torch.where(m > t, torch.ones_like(probability), probability)
+
+    @property
+    def tied_queries(self) -> int:
+        """Queries whose best relevant candidate ties with a non-relevant one (where the rule matters)."""
+        return int((self.tied > 0).sum())
+
+
+def _image_to_text_outcomes(
+    images: Tensor, texts: Tensor, owner: Tensor, chunk_size: int, zero_texts: Tensor
+) -> QueryOutcomes:
     n_img = images.shape[0]
     # Group captions by owning image so that the captions of a chunk of images form one slice.
     by_owner = torch.argsort(owner, stable=True)
     offsets = [0, *torch.bincount(owner, minlength=n_img).cumsum(0).tolist()]
-    ranks = torch.empty(n_img, dtype=torch.long, device=images.device)
+    ahead = torch.empty(n_img, dtype=torch.long, device=images.device)
+    tied = torch.empty_like(ahead)
+    relevant_at_best = torch.empty_like(ahead)
     for start in range(0, n_img, chunk_size):
         stop = min(start + chunk_size, n_img)
         scores = images[start:stop] @ texts.T
@@ -214,33 +302,68 @@ def _image_to_text_ranks(
         relevant = relevant.masked_fill(zero_texts[captions], float("-inf"))
         best = torch.full((stop - start,), float("-inf"), dtype=scores.dtype, device=scores.device)
         best.scatter_reduce_(0, rows, relevant, reduce="amax")
-        if ties == "optimistic":
-            ahead = _count_ahead(scores, best[:, None], inclusive=False)
-        else:
-            tied_relevant = torch.zeros_like(best, dtype=torch.long)
-            tied_relevant.scatter_add_(0, rows, (relevant >= best[rows]).long())
-            ahead = _count_ahead(scores, best[:, None], inclusive=True) - tied_relevant
-        ranks[start:stop] = ahead + 1
+        live_at_best = torch.zeros_like(best, dtype=torch.long)
+        live_at_best.scatter_add_(0, rows, (relevant >= best[rows]).long())
+        above, equal = _count_above_and_equal(scores, best[:, None])
+        ahead[start:stop] = above
+        # A zero caption of the image's own counts as a candidate scoring 0, like a non-relevant one.
+        tied[start:stop] = equal - live_at_best
+        relevant_at_best[start:stop] = live_at_best.clamp(min=1)
         # Free this chunk's scores before the next matmul, so that two blocks never coexist.
         del scores
-    return ranks
+    return QueryOutcomes(ahead, tied, relevant_at_best)
 
 
-def _text_to_image_ranks(images: Tensor, texts: Tensor, owner: Tensor, chunk_size: int, ties: Ties) -> Tensor:
+def _text_to_image_outcomes(images: Tensor, texts: Tensor, owner: Tensor, chunk_size: int) -> QueryOutcomes:
     n_txt = texts.shape[0]
-    ranks = torch.empty(n_txt, dtype=torch.long, device=texts.device)
+    ahead = torch.empty(n_txt, dtype=torch.long, device=texts.device)
+    tied = torch.empty_like(ahead)
     for start in range(0, n_txt, chunk_size):
         stop = min(start + chunk_size, n_txt)
         scores = texts[start:stop] @ images.T
         best = scores.gather(1, owner[start:stop, None])
-        ahead = _count_ahead(scores, best, inclusive=ties == "pessimistic")
-        if ties == "pessimistic":
-            # The relevant image itself satisfies ">=": do not count it.
-            ahead -= 1
-        ranks[start:stop] = ahead + 1
+        above, equal = _count_above_and_equal(scores, best)
+        ahead[start:stop] = above
+        # The relevant image itself is "equal": it is not a tie.
+        tied[start:stop] = equal - 1
         # Free this chunk's scores before the next matmul, so that two blocks never coexist.
         del scores
-    return ranks
+    return QueryOutcomes(ahead, tied, torch.ones_like(ahead))
+
+
+def retrieval_outcomes(
+    image_embeds: Tensor,
+    image_ids: Tensor,
+    text_embeds: Tensor,
+    text_image_ids: Tensor,
+    *,
+    chunk_size: int = 512,
+) -> tuple[QueryOutcomes, QueryOutcomes]:
+    """Per-query outcomes (candidates ahead, tied, relevant at best) of both directions.
+
+    Inputs as :func:`retrieval_ranks`. Queries whose embedding is zero, or whose relevant candidates are
+    all zero, get the worst outcome: every non-relevant candidate ahead, no tie.
+
+    Returns:
+        ``(i2t, t2i)``: :class:`QueryOutcomes` in input order ([N_img] and [N_txt]).
+    """
+    _check_chunk_size(chunk_size)
+    images, texts, owner = _validated(image_embeds, image_ids, text_embeds, text_image_ids)
+    zero_images, zero_texts = ~images.any(dim=1), ~texts.any(dim=1)
+    i2t = _image_to_text_outcomes(images, texts, owner, chunk_size, zero_texts)
+    t2i = _text_to_image_outcomes(images, texts, owner, chunk_size)
+    if bool(zero_images.any()) or bool(zero_texts.any()):
+        n_img, n_txt = images.shape[0], texts.shape[0]
+        captions = torch.bincount(owner, minlength=n_img)
+        live_captions = torch.bincount(owner[~zero_texts], minlength=n_img)
+        missed = zero_images | (live_captions == 0)
+        i2t.ahead[missed] = n_txt - captions[missed]
+        i2t.tied[missed] = 0
+        i2t.relevant_at_best[missed] = 1
+        missed_txt = zero_texts | zero_images[owner]
+        t2i.ahead[missed_txt] = n_img - 1
+        t2i.tied[missed_txt] = 0
+    return i2t, t2i
 
 
 def retrieval_ranks(
@@ -250,14 +373,14 @@ def retrieval_ranks(
     text_image_ids: Tensor,
     *,
     chunk_size: int = 512,
-    ties: Ties = "optimistic",
+    ties: Ties = "expected",
 ) -> tuple[Tensor, Tensor]:
     """Rank of the best relevant candidate for every query, in both directions.
 
     Scores are dot products, i.e. cosine similarities when the embeddings are L2-normalised (the
     caller's job here; :class:`~pefttune.metrics.RetrievalMetrics` normalises for you). Float16 and
     bfloat16 inputs are ranked in float32, float64 inputs in float64. See the module docstring for the
-    rank definition and the two tie rules.
+    rank definition and the tie rules.
 
     Args:
         image_embeds: Image embeddings [N_img, D].
@@ -265,11 +388,13 @@ def retrieval_ranks(
         text_embeds: Caption embeddings [N_txt, D], on the same device as ``image_embeds``.
         text_image_ids: For each caption, the id of the image it describes [N_txt].
         chunk_size: Queries scored at a time; peak extra memory is about ``chunk_size x N`` scores.
-        ties: ``"optimistic"`` (ties favour the relevant candidate) or ``"pessimistic"``.
+        ties: ``"expected"`` (the default: mean rank under a random order of tied candidates),
+            ``"pessimistic"`` (ties go against the query) or ``"optimistic"`` (ties favour it).
 
     Returns:
-        ``(i2t_ranks, t2i_ranks)``: ``torch.long`` tensors of shapes [N_img] and [N_txt] on the
-        embeddings' device, in input order, 1-based (1 = a relevant item is ranked first).
+        ``(i2t_ranks, t2i_ranks)`` of shapes [N_img] and [N_txt] on the embeddings' device, in input
+        order, 1-based (1 = a relevant item is ranked first): ``torch.long`` for the optimistic and
+        pessimistic rules, float64 for ``expected`` (fractional where ties occur).
 
     Raises:
         ValueError: On inconsistent shapes or devices, non-finite embeddings, duplicate image ids, an
@@ -277,20 +402,9 @@ def retrieval_ranks(
             ``chunk_size``/``ties``.
         TypeError: If embeddings are not floating point or ids are not integers.
     """
-    _check_chunk_size(chunk_size)
     _check_ties(ties)
-    images, texts, owner = _validated(image_embeds, image_ids, text_embeds, text_image_ids)
-    zero_images, zero_texts = ~images.any(dim=1), ~texts.any(dim=1)
-    i2t = _image_to_text_ranks(images, texts, owner, chunk_size, ties, zero_texts)
-    t2i = _text_to_image_ranks(images, texts, owner, chunk_size, ties)
-    if bool(zero_images.any()) or bool(zero_texts.any()):
-        n_img, n_txt = images.shape[0], texts.shape[0]
-        captions = torch.bincount(owner, minlength=n_img)
-        live_captions = torch.bincount(owner[~zero_texts], minlength=n_img)
-        missed = zero_images | (live_captions == 0)
-        i2t[missed] = n_txt - captions[missed] + 1
-        t2i[zero_texts | zero_images[owner]] = n_img
-    return i2t, t2i
+    i2t, t2i = retrieval_outcomes(image_embeds, image_ids, text_embeds, text_image_ids, chunk_size=chunk_size)
+    return i2t.ranks(ties), t2i.ranks(ties)
 
 
 def count_zero_rows(embeds: Tensor) -> int:
@@ -312,6 +426,10 @@ def metrics_from_ranks(
     i2t_ranks: Tensor, t2i_ranks: Tensor, ks: Sequence[int] = DEFAULT_KS
 ) -> dict[str, float]:
     """Summarise per-query ranks into the reported retrieval metrics.
+
+    R@K is the share of ranks <= K, which is right for the ``optimistic`` and ``pessimistic`` rules; under
+    ``expected`` a fractional rank does not say whether the hit is in the top K (use
+    :func:`metrics_from_outcomes`, which :func:`retrieval_metrics` does).
 
     Args:
         i2t_ranks: 1-based ranks of the image queries [N_img].
@@ -349,6 +467,47 @@ def metrics_from_ranks(
     return out
 
 
+def metrics_from_outcomes(
+    i2t: QueryOutcomes, t2i: QueryOutcomes, ks: Sequence[int] = DEFAULT_KS, ties: Ties = DEFAULT_TIES
+) -> dict[str, float]:
+    """Summarise per-query outcomes into the reported retrieval metrics under a tie rule.
+
+    Args:
+        i2t: Outcomes of the image queries.
+        t2i: Outcomes of the caption queries.
+        ks: Cut-offs K for R@K (deduplicated and sorted).
+        ties: The tie rule (see the module docstring).
+
+    Returns:
+        The keys of :func:`metrics_from_ranks` (R@K under ``expected`` is the mean hit probability, ranks
+        are expected ranks), plus ``i2t_tied_queries`` and ``t2i_tied_queries``: how many queries'
+        best relevant candidate tied with a non-relevant one (the queries on which the rule matters).
+
+    Raises:
+        ValueError: If ``ks`` or ``ties`` is invalid or a direction has no query.
+    """
+    ks = _normalise_ks(ks)
+    _check_ties(ties)
+    out: dict[str, float] = {}
+    means: dict[str, float] = {}
+    for direction, outcomes in (("i2t", i2t), ("t2i", t2i)):
+        if outcomes.ahead.ndim != 1 or outcomes.ahead.numel() == 0:
+            raise ValueError(f"{direction} outcomes must be non-empty 1-D, got {tuple(outcomes.ahead.shape)}")
+        recalls = [100.0 * float(outcomes.hit_rate(k, ties).mean()) for k in ks]
+        out.update({f"{direction}_R@{k}": r for k, r in zip(ks, recalls, strict=True)})
+        means[direction] = sum(recalls) / len(recalls)
+    out["i2t_mean_R"] = means["i2t"]
+    out["t2i_mean_R"] = means["t2i"]
+    out["rsum"] = sum(out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks)
+    for direction, outcomes in (("i2t", i2t), ("t2i", t2i)):
+        ranks = outcomes.ranks(ties)
+        out[f"{direction}_median_rank"] = _median(ranks)
+        out[f"{direction}_mean_rank"] = float(ranks.double().mean())
+    out["i2t_tied_queries"] = float(i2t.tied_queries)
+    out["t2i_tied_queries"] = float(t2i.tied_queries)
+    return out
+
+
 def retrieval_metrics(
     image_embeds: Tensor,
     image_ids: Tensor,
@@ -357,13 +516,13 @@ def retrieval_metrics(
     *,
     ks: Sequence[int] = DEFAULT_KS,
     chunk_size: int = 512,
-    ties: Ties = "optimistic",
+    ties: Ties = DEFAULT_TIES,
 ) -> dict[str, float]:
-    """Image-text retrieval metrics (R@K, mean R, rsum, median and mean rank) for both directions.
+    """Image-text retrieval metrics (R@K, mean R, rsum, median and mean rank, tied queries), both directions.
 
-    Equivalent to :func:`retrieval_ranks` followed by :func:`metrics_from_ranks`; see those for the
-    protocol, the tie rules and the meaning of each key. The embeddings are expected to be
-    L2-normalised; they are not normalised here.
+    Equivalent to :func:`retrieval_outcomes` followed by :func:`metrics_from_outcomes`; see those and the
+    module docstring for the protocol, the tie rules and the meaning of each key. The embeddings are
+    expected to be L2-normalised; they are not normalised here.
 
     Args:
         image_embeds: Image embeddings [N_img, D].
@@ -372,20 +531,91 @@ def retrieval_metrics(
         text_image_ids: For each caption, the id of the image it describes [N_txt].
         ks: Cut-offs K for R@K. A K larger than the number of candidates gives 100.
         chunk_size: Queries scored at a time (bounds memory, does not change the result).
-        ties: ``"optimistic"`` or ``"pessimistic"`` tie rule.
+        ties: ``"expected"`` (default), ``"pessimistic"`` or ``"optimistic"``.
 
     Returns:
         A dict of Python floats; R@K values are percentages (0-100).
 
     Raises:
-        ValueError: On invalid inputs (see :func:`retrieval_ranks`) or invalid ``ks``.
+        ValueError: On invalid inputs (see :func:`retrieval_ranks`) or invalid ``ks``/``ties``.
         TypeError: If embeddings are not floating point or ids are not integers.
     """
     ks = _normalise_ks(ks)
-    i2t, t2i = retrieval_ranks(
-        image_embeds, image_ids, text_embeds, text_image_ids, chunk_size=chunk_size, ties=ties
-    )
-    return metrics_from_ranks(i2t, t2i, ks)
+    _check_ties(ties)
+    i2t, t2i = retrieval_outcomes(image_embeds, image_ids, text_embeds, text_image_ids, chunk_size=chunk_size)
+    return metrics_from_outcomes(i2t, t2i, ks, ties)
+
+
+#: Total variance below which a set of unit embeddings counts as collapsed: the mean pairwise cosine is
+#: then above 0.99 (mean squared distance between two items = 2 x total variance).
+DEFAULT_COLLAPSE_SPREAD = 0.01
+#: Effective rank below which embeddings count as degenerate (essentially one direction of variation),
+#: applied only with at least :data:`_MIN_ITEMS_FOR_RANK` items (a handful of items has a low rank anyway).
+DEFAULT_COLLAPSE_RANK = 1.5
+_MIN_ITEMS_FOR_RANK = 8
+
+
+def embedding_spread(embeds: Tensor) -> float:
+    """Total variance across items of L2-normalised embeddings: ``mean_i ||x_i - mean||^2 = 1 - ||mean||^2``.
+
+    It is the sum over dimensions of the per-dimension variance, in [0, 1] for unit vectors: 0 when every
+    item has the same embedding (collapse), about 1 when the items point in unrelated directions.
+    All-zero rows count as they are (they pull the value down).
+
+    Args:
+        embeds: [N, D] embeddings (normalised by the caller).
+    """
+    x = embeds.double()
+    return float(((x - x.mean(dim=0)) ** 2).sum(dim=1).mean())
+
+
+def effective_rank(embeds: Tensor, max_items: int = 4096) -> float:
+    """Effective rank (Roy and Vetterli, 2007) of the centred embeddings: ``exp(entropy(s / sum(s)))``.
+
+    ``s`` are the singular values of the centred [N, D] matrix (from the eigenvalues of the smaller scatter
+    matrix). 1 when all variation lies along one direction, up to ``min(N - 1, D)``; 0 when there is no
+    variation at all. Above ``max_items`` rows an evenly spaced subset of that many rows is used (the
+    estimate of a diagnostic, which keeps a COCO-sized evaluation from paying for a 25k-row product).
+    """
+    if embeds.shape[0] > max_items:
+        embeds = embeds[torch.linspace(0, embeds.shape[0] - 1, max_items, device=embeds.device).long()]
+    x = embeds.double()
+    x = x - x.mean(dim=0)
+    scatter = x.T @ x if x.shape[0] >= x.shape[1] else x @ x.T
+    singular = torch.linalg.eigvalsh(scatter).clamp(min=0.0).sqrt()
+    total = singular.sum()
+    if float(total) <= 1e-12:
+        return 0.0
+    p = singular / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def collapse_diagnostics(
+    image_embeds: Tensor,
+    text_embeds: Tensor,
+    spread_threshold: float = DEFAULT_COLLAPSE_SPREAD,
+    rank_threshold: float = DEFAULT_COLLAPSE_RANK,
+) -> dict[str, float]:
+    """Whether the evaluated embeddings have collapsed: spread and effective rank of each modality.
+
+    Returns:
+        ``image_spread``, ``text_spread`` (:func:`embedding_spread`), ``image_effective_rank``,
+        ``text_effective_rank`` (:func:`effective_rank`) and ``collapsed``: 1.0 when either modality's
+        spread is below ``spread_threshold``, or its effective rank below ``rank_threshold`` with at
+        least 8 items; else 0.0. Retrieval numbers of a collapsed model measure its ties, not its
+        quality.
+    """
+    out: dict[str, float] = {}
+    flagged = False
+    for name, embeds in (("image", image_embeds), ("text", text_embeds)):
+        spread, rank = embedding_spread(embeds), effective_rank(embeds)
+        out[f"{name}_spread"] = spread
+        out[f"{name}_effective_rank"] = rank
+        enough = min(embeds.shape) >= _MIN_ITEMS_FOR_RANK
+        flagged = flagged or spread < spread_threshold or (enough and rank < rank_threshold)
+    out["collapsed"] = float(flagged)
+    return out
 
 
 def topk_retrieval(

@@ -8,8 +8,11 @@ evaluation set after synchronisation and computes the same numbers. All ranking 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,17 +21,96 @@ from torchmetrics.utilities import rank_zero_warn
 from torchmetrics.utilities.data import dim_zero_cat
 
 from pefttune.metrics.functional import (
+    DEFAULT_COLLAPSE_SPREAD,
     DEFAULT_KS,
+    DEFAULT_TIES,
+    QueryOutcomes,
     Ties,
     _check_chunk_size,
     _check_ties,
     _listed,
     _normalise_ks,
+    collapse_diagnostics,
     count_zero_rows,
-    retrieval_metrics,
+    metrics_from_outcomes,
+    retrieval_outcomes,
 )
 
-__all__ = ["RetrievalMetrics"]
+__all__ = ["RankedQueries", "RetrievalMetrics"]
+
+_QUERY_FILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RankedQueries:
+    """The per-query outcomes of one retrieval evaluation, with the ids that identify the queries.
+
+    What a paired comparison of two models needs: the same query ids on both sides, and each query's
+    counts (:class:`~pefttune.metrics.functional.QueryOutcomes`), from which R@K under any tie rule follows.
+    Saved compactly as an ``.npz`` (int32/int64 arrays, compressed) by :meth:`save`.
+
+    Attributes:
+        image_ids: Id of each image query, ascending [N_img].
+        caption_ids: Id of each caption query (caption record id), ascending [N_txt].
+        caption_image_ids: Id of each caption's image [N_txt] (captions of one image are correlated
+            queries: the paired bootstrap resamples images with all their captions).
+        i2t: Outcomes of the image queries, in ``image_ids`` order.
+        t2i: Outcomes of the caption queries, in ``caption_ids`` order.
+        ties: The tie rule the run reported its metrics with.
+    """
+
+    image_ids: Tensor
+    caption_ids: Tensor
+    caption_image_ids: Tensor
+    i2t: QueryOutcomes
+    t2i: QueryOutcomes
+    ties: Ties = DEFAULT_TIES
+
+    def save(self, path: str | Path) -> Path:
+        """Write the queries to ``path`` (``.npz``; numpy appends the suffix when missing)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, np.ndarray] = {
+            "version": np.array(_QUERY_FILE_VERSION),
+            "ties": np.array(self.ties),
+            "image_ids": self.image_ids.cpu().numpy().astype(np.int64),
+            "caption_ids": self.caption_ids.cpu().numpy().astype(np.int64),
+            "caption_image_ids": self.caption_image_ids.cpu().numpy().astype(np.int64),
+        }
+        for direction, outcomes in (("i2t", self.i2t), ("t2i", self.t2i)):
+            for name in ("ahead", "tied", "relevant_at_best"):
+                arrays[f"{direction}_{name}"] = getattr(outcomes, name).cpu().numpy().astype(np.int32)
+        np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> RankedQueries:
+        """Read a file written by :meth:`save`.
+
+        Raises:
+            ValueError: If the file is not a query-outcome file of a known version (names the file).
+        """
+        with np.load(path) as data:
+            version = int(data["version"]) if "version" in data else None
+            if version != _QUERY_FILE_VERSION:
+                raise ValueError(f"{path}: not a per-query retrieval file of version {_QUERY_FILE_VERSION}")
+
+            def outcomes(direction: str) -> QueryOutcomes:
+                return QueryOutcomes(
+                    *(torch.from_numpy(data[f"{direction}_{n}"].astype(np.int64)) for n in _OUTCOME_FIELDS)
+                )
+
+            return cls(
+                image_ids=torch.from_numpy(data["image_ids"]),
+                caption_ids=torch.from_numpy(data["caption_ids"]),
+                caption_image_ids=torch.from_numpy(data["caption_image_ids"]),
+                i2t=outcomes("i2t"),
+                t2i=outcomes("t2i"),
+                ties=str(data["ties"]),  # type: ignore[arg-type]
+            )
+
+
+_OUTCOME_FIELDS = ("ahead", "tied", "relevant_at_best")
 
 
 def _prepare_embeds(name: str, embeds: Tensor) -> Tensor:
@@ -102,7 +184,7 @@ def _check_duplicates_agree(
 
 
 class RetrievalMetrics(Metric):
-    """Image-text retrieval R@K, mean R, rsum and median/mean rank over a whole evaluation set.
+    """Image-text retrieval R@K, mean R, rsum, ranks, tie counts and a collapse flag over an evaluation set.
 
     Call :meth:`update` with each evaluation batch: the images and captions it contains, their ids,
     and for each caption the id of its image. A caption's image does not have to be in the same
@@ -115,7 +197,16 @@ class RetrievalMetrics(Metric):
        is attached to two different images,
     3. orders images and captions by id, so that every process and a single-process run rank exactly
        the same tensors,
-    4. calls :func:`pefttune.metrics.functional.retrieval_metrics`.
+    4. ranks every query (:func:`pefttune.metrics.functional.retrieval_outcomes`) and summarises the
+       outcomes under the tie rule (:func:`~pefttune.metrics.functional.metrics_from_outcomes`: R@K,
+       ranks, and how many queries tied), and
+    5. measures whether the embeddings collapsed
+       (:func:`~pefttune.metrics.functional.collapse_diagnostics`: ``image_spread``, ``text_spread``,
+       ``image_effective_rank``, ``text_effective_rank`` and ``collapsed``, 1.0 or 0.0; a collapsed
+       evaluation also warns).
+
+    After :meth:`compute`, :attr:`last_queries` holds the per-query outcomes of that evaluation
+    (:class:`RankedQueries`), for paired comparisons between models.
 
     Embeddings are L2-normalised (in float32) in :meth:`update`, whatever the caller did, because the
     ranking assumes cosine scores and a tower may hand over unnormalised projections; non-finite
@@ -128,7 +219,10 @@ class RetrievalMetrics(Metric):
     Args:
         ks: Cut-offs K for R@K.
         chunk_size: Queries scored at a time when ranking (bounds memory, not the result).
-        ties: Tie rule of :mod:`pefttune.metrics.functional` (``"optimistic"`` or ``"pessimistic"``).
+        ties: Tie rule of :mod:`pefttune.metrics.functional`: ``"expected"`` (default; the mean over random
+            orders of tied candidates), ``"pessimistic"`` or ``"optimistic"`` (flatters ties; for
+            comparison only).
+        collapse_spread: Total embedding variance below which the evaluation is flagged as collapsed.
         duplicate_atol: Largest max-abs difference tolerated between two normalised embeddings that
             share an id. The same sample embedded in two different batches may differ by rounding
             (more so under mixed precision); two different samples differ by far more.
@@ -157,8 +251,9 @@ class RetrievalMetrics(Metric):
         self,
         ks: Sequence[int] = DEFAULT_KS,
         chunk_size: int = 512,
-        ties: Ties = "optimistic",
+        ties: Ties = DEFAULT_TIES,
         duplicate_atol: float = 1e-2,
+        collapse_spread: float = DEFAULT_COLLAPSE_SPREAD,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -166,10 +261,15 @@ class RetrievalMetrics(Metric):
         _check_ties(ties)
         if not duplicate_atol >= 0:
             raise ValueError(f"duplicate_atol must be >= 0, got {duplicate_atol!r}")
+        if not 0 <= collapse_spread <= 1:
+            raise ValueError(f"collapse_spread must lie in [0, 1], got {collapse_spread!r}")
         self.ks = _normalise_ks(ks)
         self.chunk_size = chunk_size
         self.ties: Ties = ties
         self.duplicate_atol = float(duplicate_atol)
+        self.collapse_spread = float(collapse_spread)
+        #: Per-query outcomes of the last :meth:`compute` (None before the first).
+        self.last_queries: RankedQueries | None = None
         for name in ("image_embeds", "image_ids", "text_embeds", "text_ids", "text_image_ids"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
@@ -223,7 +323,7 @@ class RetrievalMetrics(Metric):
         _check_duplicates_agree("image ids", ids, embeds, first, inverse, self.duplicate_atol)
         return _take(embeds, first), ids[first]
 
-    def _unique_texts(self) -> tuple[Tensor, Tensor]:
+    def _unique_texts(self) -> tuple[Tensor, Tensor, Tensor]:
         embeds, ids = _cat(self.text_embeds), _cat(self.text_ids)
         owners = _cat(self.text_image_ids)
         first, inverse = _first_occurrences("text_ids", ids)
@@ -235,7 +335,7 @@ class RetrievalMetrics(Metric):
                 "equal strings."
             )
         _check_duplicates_agree("caption ids", ids, embeds, first, inverse, self.duplicate_atol)
-        return _take(embeds, first), owners[first]
+        return _take(embeds, first), ids[first], owners[first]
 
     def compute(self) -> dict[str, Tensor]:
         """De-duplicate the accumulated samples and compute the retrieval metrics.
@@ -254,7 +354,7 @@ class RetrievalMetrics(Metric):
                 "RetrievalMetrics.compute() needs at least one image and one caption; call update() first"
             )
         images, image_ids = self._unique_images()
-        texts, text_image_ids = self._unique_texts()
+        texts, caption_ids, text_image_ids = self._unique_texts()
         zero_images, zero_texts = count_zero_rows(images), count_zero_rows(texts)
         if zero_images or zero_texts:
             rank_zero_warn(
@@ -262,15 +362,19 @@ class RetrievalMetrics(Metric):
                 f"{texts.shape[0]} caption embeddings are all zero; they count as misses (worst rank), as "
                 "docs/protocol.md defines"
             )
-        values = retrieval_metrics(
-            images,
-            image_ids,
-            texts,
-            text_image_ids,
-            ks=self.ks,
-            chunk_size=self.chunk_size,
-            ties=self.ties,
-        )
+        i2t, t2i = retrieval_outcomes(images, image_ids, texts, text_image_ids, chunk_size=self.chunk_size)
+        self.last_queries = RankedQueries(image_ids, caption_ids, text_image_ids, i2t, t2i, self.ties)
+        values = metrics_from_outcomes(i2t, t2i, self.ks, self.ties)
+        health = collapse_diagnostics(images, texts, spread_threshold=self.collapse_spread)
+        if health["collapsed"]:
+            rank_zero_warn(
+                "RetrievalMetrics: the embeddings have collapsed (spread image "
+                f"{health['image_spread']:.2g}, text {health['text_spread']:.2g}; effective rank image "
+                f"{health['image_effective_rank']:.2g}, text {health['text_effective_rank']:.2g}); "
+                f"{int(values['i2t_tied_queries'])} image and {int(values['t2i_tied_queries'])} caption "
+                "queries tied. The retrieval numbers measure ties, not quality (docs/protocol.md)"
+            )
+        values.update(health)
         return {name: torch.tensor(value, dtype=torch.float64) for name, value in values.items()}
 
     def _is_empty(self, name: str) -> bool:

@@ -29,6 +29,7 @@ from pefttune.strategies.base import (
     DualEncoder,
     SizedImageTower,
     TemperaturePolicy,
+    TextKind,
     TrainingTexts,
     unfreeze_projection,
 )
@@ -70,6 +71,47 @@ def ensemble_weights(
     average = 1.0 - cosine.mean(dim=1)
     difficulty = average * (nearest > threshold).to(average.dtype)
     return torch.exp(-beta * difficulty)
+
+
+def calibrated_threshold(bank: torch.Tensor, quantile: float = 0.95) -> float:
+    """The seen-threshold of a caption bank: a quantile of its texts' distances to their nearest other text.
+
+    APEX calls a text "seen" when its nearest training text is within 0.05 (cosine above 0.95). With
+    class names that separates the training classes (distance 0) from new ones; with free captions no
+    evaluated caption is a near-copy of a training caption, so nearly every in-domain caption would be
+    "unseen". Measured on the bank itself, a held-out caption from the training distribution is within this
+    distance of the bank with probability ``quantile`` (the leave-one-out nearest-neighbour distances of
+    the training captions are the reference), so in-domain captions count as seen and only captions further
+    from the training captions than the training captions are from each other fall back to the frozen model.
+
+    Args:
+        bank: frozen-model embeddings of the training texts [N, D] (normalised here), N >= 2.
+        quantile: the share of training captions that must count as seen.
+
+    Returns:
+        The distance threshold, at least 0.
+
+    Raises:
+        ValueError: With fewer than two bank rows or a quantile outside (0, 1].
+    """
+    if bank.ndim != 2 or bank.shape[0] < 2:
+        raise ValueError(
+            f"calibrating the seen threshold needs at least two bank rows, got {tuple(bank.shape)}"
+        )
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"seen_quantile must lie in (0, 1], got {quantile!r}")
+    rows = F.normalize(bank.float(), dim=-1)
+    cosine = rows @ rows.T
+    cosine.fill_diagonal_(float("-inf"))
+    nearest = (1.0 - cosine.max(dim=1).values).clamp_min(0.0)
+    # "higher": at least `quantile` of the training captions are within the threshold.
+    return float(torch.quantile(nearest, quantile, interpolation="higher"))
+
+
+RetrievalEnsemble = Literal["adaptive", "text_only", "fixed", "off"]
+_RETRIEVAL_ENSEMBLES: tuple[str, ...] = ("adaptive", "text_only", "fixed", "off")
+# Index in the persistent buffer apex_text_bank_kind: 0 class prompts, 1 captions.
+_BANK_KINDS: tuple[TextKind, ...] = ("class_prompts", "captions")
 
 
 class APEX(AdaptationStrategy):
@@ -124,8 +166,15 @@ class APEX(AdaptationStrategy):
       image size), N(0, ``prompt_init_std``) rather than Bahng's N(0, 1), ``3 * (2 p S + 2 p (S - 2p))``
       parameters (69,840 at S = 224, p = 30). The frozen backbone's BatchNorm layers always normalise
       with their pretrained statistics (run in eval mode), so "frozen" holds for their buffers too.
-    * **Retrieval**: the bank holds training captions instead of class prompts; alpha is computed per
-      caption from its content, so it does not depend on how texts are batched.
+    * **Retrieval** (``retrieval_ensemble``, used when the bank holds training captions rather than class
+      prompts): alpha is computed per caption from its content, so it does not depend on how texts are
+      batched. ``adaptive`` (default) takes the seen-threshold from the training captions themselves
+      (:func:`calibrated_threshold`: the ``seen_quantile`` quantile of their leave-one-out nearest-neighbour
+      distances), because APEX's fixed 0.05 makes nearly every in-domain caption "unseen" and the evaluated
+      model mostly the unadapted one; ``text_only`` does the same on the text side and leaves the images
+      to the prompted model (no image-side mean); ``fixed`` keeps the class-name rule (threshold
+      ``ensemble_threshold``) for comparison; ``off`` evaluates the adapted model alone (a suite's
+      ``apex_no_ensemble`` row). ``docs/methods/apex.md`` gives the reasoning.
     * **Difficulty space**: alpha compares frozen projected text embeddings (CLIP's frozen projection).
       With ``train_projections=True`` (new random heads, e.g. the offline default towers) the projection
       is no longer frozen, so the comparison uses the frozen backbone's pooled text features instead.
@@ -148,6 +197,9 @@ class APEX(AdaptationStrategy):
         ensemble: use the adaptive ensemble at evaluation (False: the adapted model alone).
         ensemble_beta: beta of ``alpha = exp(-beta * difficulty)``.
         ensemble_threshold: nearest-neighbour distance at or below which a text counts as seen.
+        retrieval_ensemble: the ensemble with a caption bank (retrieval): ``adaptive``, ``text_only``,
+            ``fixed`` or ``off`` (see above); class-prompt banks always use APEX's own rule.
+        seen_quantile: share of training captions that count as seen under the calibrated threshold.
         bank_size: at most this many training texts in the bank (a seeded sample when there are more).
         bank_seed: seed of that sample.
         reference_prompts: the frozen image reference: ``none`` (plain frozen tower) or ``random`` (the
@@ -163,6 +215,8 @@ class APEX(AdaptationStrategy):
         "ensemble",
         "ensemble_beta",
         "ensemble_threshold",
+        "retrieval_ensemble",
+        "seen_quantile",
         "bank_seed",
     )
     uses_training_texts: ClassVar[bool] = True
@@ -179,6 +233,8 @@ class APEX(AdaptationStrategy):
         ensemble: bool = True,
         ensemble_beta: float = 4.0,
         ensemble_threshold: float = 0.05,
+        retrieval_ensemble: RetrievalEnsemble = "adaptive",
+        seen_quantile: float = 0.95,
         bank_size: int = 1024,
         bank_seed: int = 0,
         reference_prompts: ReferencePrompts = "none",
@@ -193,6 +249,12 @@ class APEX(AdaptationStrategy):
             raise ValueError(f"bank_size must be >= 1, got {bank_size}")
         if reference_prompts not in ("none", "random"):
             raise ValueError(f"reference_prompts must be 'none' or 'random', got {reference_prompts!r}")
+        if retrieval_ensemble not in _RETRIEVAL_ENSEMBLES:
+            raise ValueError(
+                f"retrieval_ensemble must be one of {_RETRIEVAL_ENSEMBLES}, got {retrieval_ensemble!r}"
+            )
+        if not 0.0 < seen_quantile <= 1.0:
+            raise ValueError(f"seen_quantile must lie in (0, 1], got {seen_quantile!r}")
         self.visual_prompt_tokens = visual_prompt_tokens
         self.visual_prompt_depth = visual_prompt_depth
         self.prompt_init_std = prompt_init_std
@@ -203,6 +265,8 @@ class APEX(AdaptationStrategy):
         self.ensemble = ensemble
         self.ensemble_beta = ensemble_beta
         self.ensemble_threshold = ensemble_threshold
+        self.retrieval_ensemble: RetrievalEnsemble = retrieval_ensemble
+        self.seen_quantile = seen_quantile
         self.bank_size = bank_size
         self.bank_seed = bank_seed
         self.reference_prompts = reference_prompts
@@ -211,12 +275,15 @@ class APEX(AdaptationStrategy):
         # same config load into a freshly built model, adapter-only ones included.
         self.register_buffer("apex_text_bank", torch.zeros(0, 0), persistent=True)
         self.register_buffer("apex_text_bank_rows", torch.tensor(0), persistent=True)
+        # What the bank holds: 0 class prompts (APEX's own rule applies), 1 training captions (retrieval).
+        self.register_buffer("apex_text_bank_kind", torch.tensor(0), persistent=True)
         # Plain lists: the modules live in the towers, registering them here would duplicate their weights.
         self._visual_modules: list[nn.Module] = []
         self._context_modules: list[TextContext] = []
         self._adapter_modules: list[LinearAdapter] = []
         self._image_alpha: float | None = None
         self._alpha_cache: dict[tuple[int, ...], float] = {}
+        self._threshold: float | None = None
         self._warned: set[str] = set()
 
     # -- building ----------------------------------------------------------------------------------
@@ -398,14 +465,18 @@ class APEX(AdaptationStrategy):
         if not texts:
             log.warning("APEX: no training texts found; the ensemble will use the adapted model alone")
             return
-        self.build_bank(module, texts)
+        self.build_bank(module, texts, kind=training_texts.kind)
 
-    def build_bank(self, module: DualEncoder, texts: Sequence[str]) -> torch.Tensor:
+    def build_bank(
+        self, module: DualEncoder, texts: Sequence[str], kind: TextKind = "class_prompts"
+    ) -> torch.Tensor:
         """Encode (a seeded sample of at most ``bank_size`` of) the distinct ``texts`` with the frozen model.
 
         Args:
             module: the model whose towers encode the texts.
             texts: training texts (captions or class prompts), tokenized as training tokenizes them.
+            kind: ``class_prompts`` (APEX's rule) or ``captions`` (free captions: the ``retrieval_ensemble``
+                rule).
 
         Returns:
             The new bank [N, D], also stored in ``apex_text_bank``.
@@ -418,6 +489,8 @@ class APEX(AdaptationStrategy):
         distinct = list(first.values())
         if not distinct:
             raise ValueError("APEX.build_bank needs at least one non-empty text")
+        if kind not in _BANK_KINDS:
+            raise ValueError(f"kind must be one of {_BANK_KINDS}, got {kind!r}")
         if len(distinct) > self.bank_size:
             chosen = sorted(random.Random(self.bank_seed).sample(range(len(distinct)), self.bank_size))
             distinct = [distinct[i] for i in chosen]
@@ -438,8 +511,10 @@ class APEX(AdaptationStrategy):
             self.apex_text_bank.zero_()
             self.apex_text_bank[: bank.shape[0]] = bank.to(self.apex_text_bank)
             self.apex_text_bank_rows.fill_(bank.shape[0])
+            self.apex_text_bank_kind.fill_(_BANK_KINDS.index(kind))
         self._alpha_cache = {}
-        log.info("APEX: text bank of %d frozen text embeddings", bank.shape[0])
+        self._threshold = None
+        log.info("APEX: text bank of %d frozen text embeddings (%s)", bank.shape[0], kind)
         return self.bank
 
     def _load_from_state_dict(
@@ -457,10 +532,16 @@ class APEX(AdaptationStrategy):
         if isinstance(incoming, torch.Tensor) and incoming.shape != self.apex_text_bank.shape:
             current = self.apex_text_bank
             self.apex_text_bank = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
+        kind_key = prefix + "apex_text_bank_kind"
+        if isinstance(incoming, torch.Tensor) and kind_key not in state_dict:
+            # Checkpoints from before the bank recorded its kind: class prompts, APEX's rule, as then.
+            log.warning("APEX: the checkpoint does not say what its text bank holds; assuming class prompts")
+            state_dict[kind_key] = torch.tensor(0)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._alpha_cache = {}
+        self._threshold = None
 
     # -- frozen features and ensemble weights ------------------------------------------------------
     def frozen_text_embeddings(
@@ -497,16 +578,51 @@ class APEX(AdaptationStrategy):
                 f"APEX's text bank holds {bank.shape[1]}-wide embeddings but the frozen texts are "
                 f"{frozen.shape[1]} wide: was the checkpoint trained with another train_projections?"
             )
-        alpha = ensemble_weights(frozen, bank.to(frozen.device), self.ensemble_beta, self.ensemble_threshold)
+        alpha = ensemble_weights(frozen, bank.to(frozen.device), self.ensemble_beta, self.seen_threshold)
         self._alpha_cache.update(zip(keys, alpha.tolist(), strict=True))
         return alpha
 
     # -- evaluation hooks --------------------------------------------------------------------------
+    @property
+    def bank_kind(self) -> TextKind:
+        """What the bank holds: ``class_prompts`` or ``captions`` (retrieval training captions)."""
+        return _BANK_KINDS[int(self.apex_text_bank_kind)]
+
+    @property
+    def retrieval_mode(self) -> RetrievalEnsemble | None:
+        """The ``retrieval_ensemble`` rule in force: None with a class-prompt bank (APEX's own rule)."""
+        return self.retrieval_ensemble if self.bank_kind == "captions" else None
+
+    @property
+    def ensemble_active(self) -> bool:
+        """Whether evaluation mixes the adapted and the frozen model."""
+        return self.ensemble and self.retrieval_mode != "off"
+
+    @property
+    def seen_threshold(self) -> float:
+        """The nearest-neighbour distance at or below which an evaluated text counts as seen.
+
+        ``ensemble_threshold`` for class prompts and under ``retrieval_ensemble="fixed"``; otherwise
+        calibrated on the caption bank (:func:`calibrated_threshold`), once per bank.
+        """
+        if self.retrieval_mode not in ("adaptive", "text_only"):
+            return self.ensemble_threshold
+        if self._threshold is None:
+            bank = self.bank
+            if bank.shape[0] < 2:
+                self._warn_once(
+                    "calibrate", "APEX: a one-caption bank cannot calibrate; fixed threshold used"
+                )
+                self._threshold = self.ensemble_threshold
+            else:
+                self._threshold = calibrated_threshold(bank, self.seen_quantile)
+        return self._threshold
+
     def on_evaluation_start(self, module: DualEncoder, texts: Sequence[str]) -> None:
         """Compute every evaluated text's weight and their mean, the image-side weight."""
         self._alpha_cache = {}
         self._image_alpha = None
-        if not self.ensemble:
+        if not self.ensemble_active:
             return
         if self.bank.shape[0] == 0:
             self._warn_once("bank", "APEX: empty text bank (no fit yet?); evaluating the adapted model alone")
@@ -525,19 +641,24 @@ class APEX(AdaptationStrategy):
                 batch = self._tokenize(module, texts[start : start + _ENCODE_CHUNK])
                 alphas.append(self.text_alpha(module, **batch))
         alpha = torch.cat(alphas)
-        self._image_alpha = float(alpha.mean())
+        # text_only: the per-text weights stay, the images are the prompted model's.
+        self._image_alpha = 1.0 if self.retrieval_mode == "text_only" else float(alpha.mean())
         log.info(
-            "APEX ensemble: %d texts, mean alpha %.4f, %d seen (alpha = 1)",
+            "APEX ensemble (%s): %d texts, seen threshold %.4f, mean alpha %.4f, %d seen (alpha = 1), "
+            "image-side weight %.4f",
+            self.retrieval_mode or "class prompts",
             len(texts),
-            self._image_alpha,
+            self.seen_threshold,
+            float(alpha.mean()),
             int((alpha >= 1.0).sum()),
+            self._image_alpha,
         )
 
     def evaluation_image_embeddings(
         self, module: DualEncoder, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``mean(alpha) * prompted + (1 - mean(alpha)) * frozen``, then normalised (videos: per video)."""
-        if not self.ensemble:
+        if not self.ensemble_active:
             return super().evaluation_image_embeddings(module, pixel_values, frame_mask)
         alpha = self._image_alpha
         if alpha is None:
@@ -555,7 +676,7 @@ class APEX(AdaptationStrategy):
         self, module: DualEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """``alpha_c * adapted + (1 - alpha_c) * unadapted`` per text, then normalised."""
-        if not self.ensemble:
+        if not self.ensemble_active:
             return super().evaluation_text_embeddings(module, input_ids, attention_mask)
         alpha = self.text_alpha(module, input_ids, attention_mask)
         with self.components(text_adapter=False):

@@ -66,6 +66,9 @@ class DueT(AdaptationStrategy):
             blocks, ``pre`` for pre-LN blocks and feature maps), or force ``pre`` / ``post``.
         init_std: standard deviation of the units' FFN weight initialisation.
         freeze_norm_statistics: keep the backbones' BatchNorm layers on their running statistics.
+        image_identity: which batch items are the same image in the default multi-positive loss: ``id``
+            (the data set's image ids, DueT) or ``content`` (byte-identical files, from the batch's
+            ``image_hashes``; web data repeats images under different ids).
         **kwargs: see :class:`AdaptationStrategy` (``temperature``, ``group_lr``, ...).
     """
 
@@ -73,7 +76,12 @@ class DueT(AdaptationStrategy):
     default_temperature: ClassVar[TemperaturePolicy] = TemperaturePolicy(init=64.0, learnable=False)
     # Adapter checkpoints must match the rest: they refuse units that compute otherwise with tensors of
     # the same shapes (sentence vs token gate, pre- vs post-FFN LayerNorm).
-    init_only_arguments: ClassVar[tuple[str, ...]] = ("alpha_init", "init_std", "freeze_norm_statistics")
+    init_only_arguments: ClassVar[tuple[str, ...]] = (
+        "alpha_init",
+        "init_std",
+        "freeze_norm_statistics",
+        "image_identity",  # training only: which batch items are positives
+    )
 
     def __init__(
         self,
@@ -86,6 +94,7 @@ class DueT(AdaptationStrategy):
         unit_norm: UnitNorm = "auto",
         init_std: float = 0.02,
         freeze_norm_statistics: bool = True,
+        image_identity: Literal["id", "content"] = "id",
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -97,6 +106,9 @@ class DueT(AdaptationStrategy):
             raise ValueError(f"unit_norm must be 'auto', 'pre' or 'post', got {unit_norm!r}")
         for selection in (image_layers, text_layers):
             _check_selection(selection)
+        if image_identity not in ("id", "content"):
+            raise ValueError(f"image_identity must be 'id' or 'content', got {image_identity!r}")
+        self.image_identity = image_identity
         self.width = width
         self.image_layers = image_layers
         self.text_layers = text_layers
@@ -138,7 +150,7 @@ class DueT(AdaptationStrategy):
         """The multi-positive contrastive loss, summed over both directions (DueT Eq. 3-4)."""
         from pefttune.losses import MultiPositiveInfoNCELoss
 
-        return MultiPositiveInfoNCELoss(reduction_over_directions="sum")
+        return MultiPositiveInfoNCELoss(reduction_over_directions="sum", image_identity=self.image_identity)
 
 
 def select_blocks(blocks: list[BlockInfo], selection: LayerSelection) -> list[BlockInfo]:

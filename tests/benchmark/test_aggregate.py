@@ -7,6 +7,7 @@ import math
 import statistics
 
 import pytest
+import torch
 
 from pefttune.benchmark.aggregate import (
     aggregate,
@@ -206,13 +207,202 @@ def test_unknown_placeholder_and_method_are_named():
         suite.runs({"data_root": "/d"}, methods=["b"])
 
 
-def test_shipped_suites_parse_and_name_all_six_methods():
+def test_shipped_suites_name_every_registered_method_and_apex_without_ensemble():
     from pathlib import Path
+
+    from pefttune.strategies.registry import methods
 
     root = Path(__file__).resolve().parents[2]
     for name in ("offline", "ucm"):
         suite = Suite.from_file(root / "benchmarks" / f"{name}.yaml")
-        assert set(suite.methods) == {"full", "lit", "duet", "cma", "lora", "apex"}
+        assert set(suite.methods) == {m.name for m in methods()} | {"apex_no_ensemble"}
+        off = suite.methods["apex_no_ensemble"]["overrides"]
+        assert off == {"model.init_args.strategy.init_args.retrieval_ensemble": "off"}
         for run in suite.runs(seeds=[0]):
             for config in run.configs:
                 assert (root / config).exists(), config
+
+
+# -- paired comparisons --------------------------------------------------------------------------------
+
+
+def _queries(i2t_ahead, t2i_ahead, captions_per_image=2, i2t_tied=None, t2i_tied=None):
+    """Hand-made per-query outcomes: image ids 0..N-1, captions 10*image + j."""
+    from pefttune.metrics import QueryOutcomes, RankedQueries
+
+    n = len(i2t_ahead)
+    owners = torch.arange(n).repeat_interleave(captions_per_image)
+    captions = owners * 10 + torch.arange(captions_per_image).repeat(n)
+    i2t_tied = torch.zeros(n, dtype=torch.long) if i2t_tied is None else torch.tensor(i2t_tied)
+    t2i_tied = torch.zeros(len(t2i_ahead), dtype=torch.long) if t2i_tied is None else torch.tensor(t2i_tied)
+    return RankedQueries(
+        image_ids=torch.arange(n),
+        caption_ids=captions,
+        caption_image_ids=owners,
+        i2t=QueryOutcomes(torch.tensor(i2t_ahead), i2t_tied, torch.ones(n, dtype=torch.long)),
+        t2i=QueryOutcomes(torch.tensor(t2i_ahead), t2i_tied, torch.ones(len(t2i_ahead), dtype=torch.long)),
+    )
+
+
+def test_mean_ci_uses_scipy_t_quantiles():
+    from scipy import stats as scipy_stats
+
+    values = [3.0, 4.5, 7.25, 1.0]
+    summary = mean_ci(values, level=0.9)
+    expected = scipy_stats.t.ppf(0.95, 3) * statistics.stdev(values) / 2
+    assert summary.ci == pytest.approx(expected, rel=1e-12)
+
+
+def test_paired_seed_difference_matches_a_paired_t_test():
+    from scipy import stats as scipy_stats
+
+    from pefttune.benchmark.stats import paired_seed_difference
+
+    method = {0: 300.0, 1: 312.0, 2: 305.0, 7: 1.0}
+    reference = {0: 310.0, 1: 315.0, 2: 318.0}
+    difference = paired_seed_difference(method, reference)
+    diffs = [-10.0, -3.0, -13.0]
+    low, high = scipy_stats.ttest_rel([300, 312, 305], [310, 315, 318]).confidence_interval(0.95)
+    assert difference.n == 3 and difference.estimate == pytest.approx(statistics.fmean(diffs))
+    assert (difference.low, difference.high) == pytest.approx((low, high), rel=1e-10)
+    assert difference.excludes_zero is False  # three seeds of a 9-point gap with this spread: not separable
+    one = paired_seed_difference({0: 1.0}, {0: 3.0})
+    assert one.estimate == -2.0 and not one.has_interval and one.excludes_zero is None
+    assert paired_seed_difference({0: 1.0}, {1: 1.0}) is None
+
+
+def test_paired_bootstrap_rsum_estimates_the_difference_and_separates_a_clear_gap():
+    from pefttune.benchmark.stats import paired_bootstrap_rsum
+    from pefttune.metrics import metrics_from_outcomes
+
+    g = torch.Generator().manual_seed(0)
+    n = 60
+    good = _queries(
+        torch.randint(0, 2, (n,), generator=g).tolist(), torch.randint(0, 3, (2 * n,), generator=g).tolist()
+    )
+    bad = _queries(
+        torch.randint(3, 20, (n,), generator=g).tolist(), torch.randint(4, 30, (2 * n,), generator=g).tolist()
+    )
+    difference = paired_bootstrap_rsum([(bad, good)], resamples=500)
+    rsum = {
+        name: metrics_from_outcomes(q.i2t, q.t2i, (1, 5, 10))["rsum"]
+        for name, q in (("good", good), ("bad", bad))
+    }
+    assert difference.estimate == pytest.approx(rsum["bad"] - rsum["good"])
+    assert difference.n == n and difference.low < difference.estimate < difference.high
+    assert difference.excludes_zero is True and difference.high < 0
+    # The same model against itself: no difference in any resample.
+    same = paired_bootstrap_rsum([(good, good)], resamples=200)
+    assert same.estimate == 0.0 and same.low == 0.0 and same.high == 0.0
+    # Reproducible with its seed.
+    assert paired_bootstrap_rsum([(bad, good)], resamples=500) == difference
+
+
+def test_paired_bootstrap_rsum_shares_the_resample_between_methods():
+    """Two models that differ on one query only: paired resampling keeps the interval tight."""
+    from pefttune.benchmark.stats import paired_bootstrap_rsum
+
+    n = 100
+    base = [0] * n
+    a = _queries(base, [0] * (2 * n))
+    b = _queries([50, *base[1:]], [0] * (2 * n))
+    difference = paired_bootstrap_rsum([(b, a)], ks=(1,), resamples=1000)
+    # One image query of 100 misses: R@1 i2t drops by 1 point.
+    assert difference.estimate == pytest.approx(-1.0)
+    assert -4.0 < difference.low <= -1.0 and difference.high == 0.0
+
+
+def test_paired_bootstrap_rsum_uses_the_tie_rule_and_averages_seeds():
+    from pefttune.benchmark.stats import paired_bootstrap_rsum
+
+    tied = _queries([0, 0], [0, 0, 0, 0], i2t_tied=[1, 1], t2i_tied=[0, 0, 0, 0])
+    clean = _queries([0, 0], [0, 0, 0, 0])
+    # Expected rule: each image's best caption shares the top with one other caption, half a hit at K=1.
+    assert paired_bootstrap_rsum([(tied, clean)], ks=(1,), resamples=50).estimate == pytest.approx(-50.0)
+    assert paired_bootstrap_rsum([(tied, clean)], ks=(1,), ties="optimistic", resamples=50).estimate == 0.0
+    assert (
+        paired_bootstrap_rsum([(tied, clean)], ks=(1,), ties="pessimistic", resamples=50).estimate == -100.0
+    )
+    both = paired_bootstrap_rsum([(tied, clean), (clean, clean)], ks=(1,), resamples=50)
+    assert both.estimate == pytest.approx(-25.0)
+
+
+def test_paired_bootstrap_rsum_refuses_different_test_sets():
+    from pefttune.benchmark.stats import paired_bootstrap_rsum
+
+    with pytest.raises(ValueError, match="different test queries"):
+        paired_bootstrap_rsum([(_queries([0, 1], [0] * 4), _queries([0, 1, 2], [0] * 6))], where="ucm: x")
+    with pytest.raises(ValueError, match="no pair"):
+        paired_bootstrap_rsum([])
+
+
+def _write_runs(tmp_path, runs):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for result, queries in runs:
+        slug = f"{result['dataset']}__{result['method']}__seed{result['seed']}"
+        result = dict(result, run_id=f"{result['dataset']}/{result['method']}/seed{result['seed']}")
+        (folder / f"{slug}.json").write_text(json.dumps(result))
+        if queries is not None:
+            queries.save(folder / f"{slug}.ranks.npz")
+
+
+def test_reports_compare_every_method_with_the_best(tmp_path):
+    from pefttune.metrics import metrics_from_outcomes
+
+    g = torch.Generator().manual_seed(1)
+    n = 40
+    runs = []
+    for seed in (0, 1, 2):
+        strong = _queries(
+            torch.randint(0, 2, (n,), generator=g).tolist(),
+            torch.randint(0, 2, (2 * n,), generator=g).tolist(),
+        )
+        close = _queries(
+            torch.randint(0, 2, (n,), generator=g).tolist(),
+            torch.randint(0, 2, (2 * n,), generator=g).tolist(),
+        )
+        weak = _queries(
+            torch.randint(5, 40, (n,), generator=g).tolist(),
+            torch.randint(5, 40, (2 * n,), generator=g).tolist(),
+        )
+        for method, queries, params in (("strong", strong, 100), ("close", close, 10), ("weak", weak, 1)):
+            values = metrics_from_outcomes(queries.i2t, queries.t2i)
+            extra = {f"test/{k}": v for k, v in values.items()}
+            extra["test/collapsed"] = 1.0 if (method == "weak" and seed == 2) else 0.0
+            runs.append((_result("synthetic", method, seed, values["rsum"], params, extra), queries))
+    runs.append((_result("synthetic", "noranks", 0, 10.0, 5), None))
+    _write_runs(tmp_path, runs)
+    results = load_results(tmp_path)
+    assert sum("_query_ranks" in r for r in results) == 9
+    groups = {g.method: g for g in aggregate(results, resamples=300)}
+    best = max(("strong", "close"), key=lambda m: groups[m].stats["test/rsum"].mean)
+    other = "close" if best == "strong" else "strong"
+    assert groups[best].comparison.is_best and groups[best].comparison.separable is None
+    weak = groups["weak"].comparison
+    assert weak.best == best and weak.metric == "test/rsum"
+    assert weak.seeds.n == 3 and weak.queries is not None and weak.separable is True
+    assert weak.queries.estimate == pytest.approx(weak.seeds.estimate)
+    assert groups[other].comparison.separable is False  # two draws of the same quality
+    noranks = groups["noranks"].comparison
+    assert noranks.queries is None and noranks.seeds.n == 1 and noranks.separable is None
+    write_reports(tmp_path)
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text()))}
+    assert rows[best]["separable_from_best"] == "best" and rows["weak"]["separable_from_best"] == "yes"
+    assert rows[other]["separable_from_best"] == "no" and rows["noranks"]["separable_from_best"] == "unknown"
+    assert rows["weak"]["collapsed_seeds"] == "1"
+    assert float(rows["weak"]["vs_best_queries_ci95_high"]) < 0
+    markdown = (tmp_path / "results.md").read_text()
+    assert "Δ RSUM vs best" in markdown and "≈ best" in markdown and "**best**" in markdown
+    weak_row = next(line for line in markdown.splitlines() if line.startswith("| weak"))
+    assert "collapsed 1/3" in weak_row and "seeds [" in weak_row and "queries [" in weak_row
+
+
+def test_results_without_ranks_fall_back_to_the_run_folder(tmp_path):
+    queries = _queries([0, 1], [0, 0, 1, 1])
+    result = dict(_result("d", "m", 0, 1.0, 1), run_id="d/m/seed0")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "d__m__seed0.json").write_text(json.dumps(result))
+    queries.save(tmp_path / "runs" / "d" / "m" / "seed0" / "recorder.ranks.npz")
+    (loaded,) = load_results(tmp_path)
+    assert loaded["_query_ranks"].endswith("recorder.ranks.npz")

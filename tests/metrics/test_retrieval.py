@@ -17,6 +17,7 @@ from torch.utils.data.distributed import DistributedSampler
 from torchmetrics.retrieval import RetrievalHitRate
 
 from pefttune.metrics import (
+    RankedQueries,
     RetrievalMetrics,
     metrics_from_ranks,
     retrieval_metrics,
@@ -86,6 +87,52 @@ def reference_ranks(
     return torch.tensor(i2t), torch.tensor(t2i)
 
 
+def _reference_counts(scores: list[float], relevant: list[bool]) -> tuple[int, int, int]:
+    """(non-relevant above the best relevant, non-relevant equal to it, relevant equal to it)."""
+    best = max(s for s, rel in zip(scores, relevant, strict=True) if rel)
+    ahead = sum(1 for s, rel in zip(scores, relevant, strict=True) if not rel and s > best)
+    tied = sum(1 for s, rel in zip(scores, relevant, strict=True) if not rel and s == best)
+    at_best = sum(1 for s, rel in zip(scores, relevant, strict=True) if rel and s == best)
+    return ahead, tied, at_best
+
+
+def _first_relevant_distribution(tied: int, at_best: int) -> list[float]:
+    """P(the first relevant item is at position p of the tied block), p = 1..tied+1, by a product formula."""
+    probabilities = []
+    none_yet = 1.0
+    for position in range(tied + 1):
+        remaining = tied + at_best - position
+        probabilities.append(none_yet * at_best / remaining)
+        none_yet *= (tied - position) / remaining
+    return probabilities
+
+
+def reference_expected(data: dict[str, torch.Tensor]) -> dict[str, tuple[list[float], list[list[float]]]]:
+    """Expected rule by brute force: per direction, the expected ranks and per-K hit probabilities (K 1..60)."""
+    scores = (data["image_embeds"] @ data["text_embeds"].T).tolist()
+    owner = data["owner"].tolist()
+    n_img, n_txt = len(scores), len(owner)
+    queries = {
+        "i2t": [(scores[i], [owner[j] == i for j in range(n_txt)]) for i in range(n_img)],
+        "t2i": [
+            ([scores[i][j] for i in range(n_img)], [owner[j] == i for i in range(n_img)])
+            for j in range(n_txt)
+        ],
+    }
+    out = {}
+    for direction, items in queries.items():
+        ranks, hits = [], []
+        for row, relevant in items:
+            ahead, tied, at_best = _reference_counts(row, relevant)
+            distribution = _first_relevant_distribution(tied, at_best)
+            ranks.append(sum((ahead + 1 + p) * q for p, q in enumerate(distribution)))
+            hits.append(
+                [sum(q for p, q in enumerate(distribution) if ahead + 1 + p <= k) for k in range(1, 61)]
+            )
+        out[direction] = (ranks, hits)
+    return out
+
+
 def reference_metrics(i2t: torch.Tensor, t2i: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
     out = {}
     for name, ranks in (("i2t", i2t.numpy()), ("t2i", t2i.numpy())):
@@ -114,13 +161,62 @@ def test_matches_bruteforce_reference(seed: int, quantised: bool, ties: str) -> 
     assert torch.equal(t2i, ref_t2i)
     got = retrieval_metrics(*_args(data), ks=ks, chunk_size=4, ties=ties)
     expected = reference_metrics(ref_i2t, ref_t2i, ks)
-    assert got.keys() == expected.keys()
+    assert got.keys() == {*expected, "i2t_tied_queries", "t2i_tied_queries"}
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-12, abs=0), key
+    # A query tied exactly when the two fixed rules disagree on it.
+    opt, pess = reference_ranks(data, "optimistic"), reference_ranks(data, "pessimistic")
+    assert got["i2t_tied_queries"] == int((opt[0] != pess[0]).sum())
+    assert got["t2i_tied_queries"] == int((opt[1] != pess[1]).sum())
     if quantised:
         # The planted duplicates must create relevant/non-relevant ties, or the tie rules are untested.
         other_i2t, other_t2i = reference_ranks(data, "pessimistic" if ties == "optimistic" else "optimistic")
         assert not (torch.equal(ref_i2t, other_i2t) and torch.equal(ref_t2i, other_t2i))
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_expected_rule_matches_bruteforce_reference(seed: int, quantised: bool) -> None:
+    data = make_data(seed, quantised=quantised)
+    reference = reference_expected(data)
+    ranks = retrieval_ranks(*_args(data), chunk_size=4, ties="expected")
+    ks = (1, 3, 5, 10)
+    got = retrieval_metrics(*_args(data), ks=ks, chunk_size=4, ties="expected")
+    for direction, ours in zip(("i2t", "t2i"), ranks, strict=True):
+        ref_ranks, ref_hits = reference[direction]
+        assert ours.dtype == torch.float64
+        assert ours.tolist() == pytest.approx(ref_ranks, rel=1e-12)
+        for k in ks:
+            expected = 100.0 * float(np.mean([hits[k - 1] for hits in ref_hits]))
+            assert got[f"{direction}_R@{k}"] == pytest.approx(expected, rel=1e-9, abs=1e-9), (direction, k)
+        assert got[f"{direction}_mean_rank"] == pytest.approx(float(np.mean(ref_ranks)), rel=1e-12)
+        assert got[f"{direction}_median_rank"] == pytest.approx(float(np.median(ref_ranks)), rel=1e-12)
+    if quantised:
+        # Ties exist, so the expected rule lies strictly between the fixed ones somewhere.
+        opt = retrieval_metrics(*_args(data), ks=ks, ties="optimistic")
+        pess = retrieval_metrics(*_args(data), ks=ks, ties="pessimistic")
+        assert pess["rsum"] < got["rsum"] < opt["rsum"]
+
+
+def test_expected_rule_equals_the_average_over_every_order_of_the_ties() -> None:
+    # One image query, 3 captions of its own tied with 4 captions of other images, 2 captions strictly
+    # above: enumerate all orders of the 7 tied captions and average the hits and ranks.
+    import itertools
+
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    texts = torch.tensor([[1.0, 0.0]] * 7 + [[2.0, 0.0]] * 2 + [[0.0, 1.0]])
+    owner = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1, 1])
+    i2t, _ = retrieval_ranks(images, torch.arange(2), texts, owner, ties="expected")
+    got = retrieval_metrics(images, torch.arange(2), texts, owner, ks=(1, 3, 4, 5, 10), ties="expected")
+    orders = list(itertools.permutations([True] * 3 + [False] * 4))
+    firsts = [2 + order.index(True) + 1 for order in orders]
+    assert float(i2t[0]) == pytest.approx(float(np.mean(firsts)))  # 3 + 4 / 4 = 4
+    assert float(i2t[0]) == pytest.approx(4.0)
+    for k in (1, 3, 4, 5, 10):
+        hit = float(np.mean([first <= k for first in firsts]))
+        # Image 1's caption scores 1, above nothing: a hit at every K.
+        assert got[f"i2t_R@{k}"] == pytest.approx(100 * (hit + 1) / 2), k
+    assert got["i2t_tied_queries"] == 1.0
 
 
 def test_tie_rules_on_hand_computed_example() -> None:
@@ -130,23 +226,36 @@ def test_tie_rules_on_hand_computed_example() -> None:
     text_image_ids = torch.tensor([7, 3, 3])
     # Image 7: its caption scores 1, caption 1 (of image 3) also scores 1 -> a tie.
     # Caption 1: images 7 and 3 both score 1 -> a tie with its own image 3.
-    i2t, t2i = retrieval_ranks(images, image_ids, texts, text_image_ids)
+    i2t, t2i = retrieval_ranks(images, image_ids, texts, text_image_ids, ties="optimistic")
     assert i2t.tolist() == [1, 1]
     assert t2i.tolist() == [1, 1, 1]
     i2t, t2i = retrieval_ranks(images, image_ids, texts, text_image_ids, ties="pessimistic")
     assert i2t.tolist() == [2, 1]
     assert t2i.tolist() == [1, 2, 1]
+    # The default: a coin flip between the two tied candidates.
+    i2t, t2i = retrieval_ranks(images, image_ids, texts, text_image_ids)
+    assert i2t.tolist() == [1.5, 1.0]
+    assert t2i.tolist() == [1.0, 1.5, 1.0]
+    got = retrieval_metrics(images, image_ids, texts, text_image_ids, ks=(1,))
+    assert got["i2t_R@1"] == 75.0 and got["t2i_R@1"] == pytest.approx(100 * 2.5 / 3)
+    assert got["i2t_tied_queries"] == 1.0 and got["t2i_tied_queries"] == 1.0
 
 
 def test_collapsed_embeddings() -> None:
     n_caps = torch.tensor([1, 3, 2, 5])
     text_image_ids = torch.repeat_interleave(torch.arange(4), n_caps)
     images, texts = torch.ones(4, 8), torch.ones(int(n_caps.sum()), 8)
-    i2t, t2i = retrieval_ranks(images, torch.arange(4), texts, text_image_ids)
+    i2t, t2i = retrieval_ranks(images, torch.arange(4), texts, text_image_ids, ties="optimistic")
     assert i2t.eq(1).all() and t2i.eq(1).all()
     i2t, t2i = retrieval_ranks(images, torch.arange(4), texts, text_image_ids, ties="pessimistic")
     assert i2t.tolist() == (1 + n_caps.sum() - n_caps).tolist()
     assert t2i.eq(4).all()
+    # The default scores a collapsed model at chance, never at 100.
+    got = retrieval_metrics(images, torch.arange(4), texts, text_image_ids, ks=(1,))
+    n_txt = int(n_caps.sum())
+    assert got["i2t_R@1"] == pytest.approx(100 * float((n_caps / n_txt).mean()))
+    assert got["t2i_R@1"] == pytest.approx(25.0)
+    assert got["i2t_tied_queries"] == 4 and got["t2i_tied_queries"] == n_txt
 
 
 def test_k_larger_than_candidate_count() -> None:
@@ -154,7 +263,7 @@ def test_k_larger_than_candidate_count() -> None:
     ks = (1, 2, 4, 50)
     got = retrieval_metrics(*_args(data), ks=ks)
     expected = reference_metrics(*reference_ranks(data), ks)
-    assert got == pytest.approx(expected, rel=1e-12, abs=0)
+    assert {k: got[k] for k in expected} == pytest.approx(expected, rel=1e-12, abs=0)
     assert got["i2t_R@50"] == 100.0 and got["t2i_R@50"] == 100.0
     # With 3 images, t2i R@4 already covers every candidate.
     assert got["t2i_R@4"] == 100.0
@@ -176,6 +285,8 @@ def test_default_keys_and_units() -> None:
         "i2t_mean_rank",
         "t2i_median_rank",
         "t2i_mean_rank",
+        "i2t_tied_queries",
+        "t2i_tied_queries",
     ]
     assert all(isinstance(v, float) for v in got.values())
     assert got["i2t_mean_R"] == pytest.approx((got["i2t_R@1"] + got["i2t_R@5"] + got["i2t_R@10"]) / 3)
@@ -373,7 +484,7 @@ def test_metric_over_batches_equals_functional() -> None:
         metric.update(*_metric_args(data, torch.arange(a, b), torch.arange(c, d)))
     got = metric.compute()
     expected = retrieval_metrics(*_args(data))
-    assert got.keys() == expected.keys()
+    assert got.keys() == {*expected, *HEALTH_KEYS}
     for key, value in expected.items():
         assert float(got[key]) == pytest.approx(value, rel=1e-12, abs=0), key
 
@@ -386,7 +497,99 @@ def test_metric_normalises_its_inputs() -> None:
     metric.update(images * scale, image_ids, texts * 3, text_ids, text_image_ids)
     reference = RetrievalMetrics()
     reference.update(images, image_ids, texts, text_ids, text_image_ids)
-    assert metric.compute() == reference.compute()
+    got, expected = metric.compute(), reference.compute()
+    assert {k: v for k, v in got.items() if k not in HEALTH_KEYS} == {
+        k: v for k, v in expected.items() if k not in HEALTH_KEYS
+    }
+    for key in HEALTH_KEYS:
+        assert float(got[key]) == pytest.approx(float(expected[key]), rel=1e-5), key
+
+
+HEALTH_KEYS = ("image_spread", "text_spread", "image_effective_rank", "text_effective_rank", "collapsed")
+
+
+def test_metric_flags_a_collapsed_model_and_scores_it_at_chance() -> None:
+    # Every image and caption embeds to (almost) the same vector: 10 images, 3 captions each.
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(16, generator=g)
+    images = direction + 1e-4 * torch.randn(10, 16, generator=g)
+    texts = direction + 1e-4 * torch.randn(30, 16, generator=g)
+    ids, owners = torch.arange(10), torch.arange(10).repeat_interleave(3)
+    metric = RetrievalMetrics(ks=(1,))
+    metric.update(images, ids, texts, torch.arange(30), owners)
+    with pytest.warns(UserWarning, match="collapsed"):
+        values = metric.compute()
+    assert float(values["collapsed"]) == 1.0
+    assert float(values["image_spread"]) < 1e-6 and float(values["text_spread"]) < 1e-6
+    # Not a tie in floating point, but no better than chance either way: R@1 is nowhere near 100.
+    assert float(values["t2i_R@1"]) < 50
+    # An exactly collapsed model: every query tied, R@1 at chance (1 in 10), never 100.
+    metric = RetrievalMetrics(ks=(1,))
+    metric.update(direction.expand(10, 16), ids, direction.expand(30, 16), torch.arange(30), owners)
+    with pytest.warns(UserWarning, match="30 caption queries tied"):
+        values = metric.compute()
+    assert float(values["collapsed"]) == 1.0
+    assert float(values["i2t_R@1"]) == pytest.approx(10.0) and float(values["t2i_R@1"]) == pytest.approx(10.0)
+    assert float(values["i2t_tied_queries"]) == 10 and float(values["t2i_tied_queries"]) == 30
+    # The optimistic rule would have called it perfect.
+    optimistic = RetrievalMetrics(ks=(1,), ties="optimistic")
+    optimistic.update(direction.expand(10, 16), ids, direction.expand(30, 16), torch.arange(30), owners)
+    with pytest.warns(UserWarning, match="collapsed"):
+        assert float(optimistic.compute()["i2t_R@1"]) == 100.0
+
+
+def test_healthy_embeddings_are_not_flagged() -> None:
+    data = make_data(3, n_img=40, dim=32, dtype=torch.float32)
+    metric = RetrievalMetrics()
+    metric.update(*_all(data))
+    values = metric.compute()
+    assert float(values["collapsed"]) == 0.0
+    assert 0.5 < float(values["image_spread"]) <= 1.0 + 1e-6
+    assert float(values["image_effective_rank"]) > 10
+
+
+def test_dimensional_collapse_is_flagged() -> None:
+    # Items differ, but only along one direction (+a or -a): large spread, effective rank 1.
+    g = torch.Generator().manual_seed(1)
+    a = F.normalize(torch.randn(16, generator=g), dim=0)
+    signs = torch.tensor([1.0, -1.0]).repeat(10)[:, None]
+    images = signs * a + 1e-5 * torch.randn(20, 16, generator=g)
+    texts = images.repeat_interleave(2, dim=0) + 1e-5 * torch.randn(40, 16, generator=g)
+    metric = RetrievalMetrics(ks=(1,))
+    metric.update(images, torch.arange(20), texts, torch.arange(40), torch.arange(20).repeat_interleave(2))
+    with pytest.warns(UserWarning, match="collapsed"):
+        values = metric.compute()
+    assert float(values["image_effective_rank"]) < 1.5 and float(values["image_spread"]) > 0.01
+    assert float(values["collapsed"]) == 1.0
+
+
+def test_metric_keeps_per_query_outcomes_and_they_round_trip(tmp_path: Path) -> None:
+    data = make_data(12, quantised=True)
+    metric = RetrievalMetrics(ks=(1, 5))
+    images, image_ids, texts, text_ids, text_image_ids = _all(data)
+    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))
+    metric.update(images[order], image_ids[order], texts, text_ids, text_image_ids)
+    values = metric.compute()
+    queries = metric.last_queries
+    assert queries is not None and queries.ties == "expected"
+    assert torch.equal(queries.image_ids, torch.sort(image_ids).values)
+    assert torch.equal(queries.caption_ids, torch.sort(text_ids).values)
+    for k in (1, 5):
+        assert 100 * float(queries.i2t.hit_rate(k).mean()) == pytest.approx(float(values[f"i2t_R@{k}"]))
+        assert 100 * float(queries.t2i.hit_rate(k).mean()) == pytest.approx(float(values[f"t2i_R@{k}"]))
+    path = queries.save(tmp_path / "ranks.npz")
+    loaded = RankedQueries.load(path)
+    assert loaded.ties == "expected"
+    assert torch.equal(loaded.image_ids, queries.image_ids) and torch.equal(
+        loaded.caption_ids, queries.caption_ids
+    )
+    for name in ("ahead", "tied", "relevant_at_best"):
+        assert torch.equal(getattr(loaded.i2t, name), getattr(queries.i2t, name))
+        assert torch.equal(getattr(loaded.t2i, name), getattr(queries.t2i, name))
+    (tmp_path / "other.npz").write_bytes(b"")
+    np.savez(tmp_path / "other.npz", x=np.zeros(2))
+    with pytest.raises(ValueError, match=r"other\.npz: not a per-query retrieval file"):
+        RankedQueries.load(tmp_path / "other.npz")
 
 
 def test_padded_duplicates_do_not_change_the_result() -> None:
@@ -601,3 +804,21 @@ def test_metric_warns_about_all_zero_embeddings() -> None:
         values = metric.compute()
     # Every query misses, whatever the tie rule: a collapsed model does not score R@1 = 100.
     assert float(values["i2t_R@1"]) == 0.0 and float(values["t2i_R@1"]) == 0.0
+
+
+def test_effective_rank_and_spread_on_known_geometry() -> None:
+    from pefttune.metrics import effective_rank, embedding_spread
+
+    # The d unit vectors e_i: mean (1/d, ..., 1/d), spread 1 - 1/d; centred, d - 1 equal singular values.
+    eye = torch.eye(6)
+    assert embedding_spread(eye) == pytest.approx(1 - 1 / 6)
+    assert effective_rank(eye) == pytest.approx(5.0, rel=1e-6)
+    assert embedding_spread(torch.ones(5, 3) / 3**0.5) == pytest.approx(0.0, abs=1e-12)
+    assert effective_rank(torch.ones(5, 3)) == 0.0
+    # Large sets are estimated on an evenly spaced subset; isotropic data keeps a high rank either way.
+    g = torch.Generator().manual_seed(0)
+    many = F.normalize(torch.randn(20000, 8, generator=g), dim=1)
+    assert effective_rank(many, max_items=512) == pytest.approx(
+        effective_rank(many, max_items=20000), rel=0.05
+    )
+    assert effective_rank(many) > 7

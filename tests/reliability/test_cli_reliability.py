@@ -6,10 +6,9 @@ import json
 import os
 
 import pytest
-import torch
 import yaml
 
-from pefttune.checkpointing import AdapterMismatchError
+from pefttune.checkpointing import AdapterMismatchError, read_adapter
 from pefttune.cli import cli_main, main
 from pefttune.testing import tiny_tower_config
 
@@ -65,11 +64,11 @@ def test_fit_writes_adapter_checkpoints_that_test_like_the_full_checkpoint(tmp_p
     config = _config(tmp_path)
     cli_main(["fit", "--config", config, "--test_after_fit", "false"])
     directory = tmp_path / "ckpt"
-    adapter, full = directory / "adapter-last.pt", directory / "last.ckpt"
-    assert adapter.exists() and (directory / "adapter-best.pt").exists()
+    adapter, full = directory / "adapter-last.safetensors", directory / "last.ckpt"
+    assert adapter.exists() and (directory / "adapter-best.safetensors").exists()
     assert os.path.getsize(adapter) < os.path.getsize(full) / 2
 
-    saved = torch.load(adapter, weights_only=True)
+    saved = read_adapter(adapter)
     assert saved["strategy"]["class_path"] == "pefttune.strategies.duet.DueT"
     assert saved["state"] and all(
         "duet_" in k or "norm" in k.lower() or "projection" in k or "logit" in k for k in saved["state"]
@@ -104,7 +103,7 @@ def test_adapter_into_another_backbone_names_the_mismatched_parameters(tmp_path,
                 "--config",
                 _config(other, image_tower=cnn),
                 "--adapter_path",
-                str(tmp_path / "ckpt" / "adapter-last.pt"),
+                str(tmp_path / "ckpt" / "adapter-last.safetensors"),
             ]
         )
 
