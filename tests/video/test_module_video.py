@@ -148,3 +148,34 @@ def test_apex_ensemble_on_video_goes_through_the_temporal_aggregator():
     expected = F.normalize(alpha * prompted + (1 - alpha) * frozen, dim=-1)
     assert ensemble.shape == (3, model.image_tower.embed_dim)
     assert torch.allclose(ensemble, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", [FullFineTune, LiT])
+def test_grad_cache_on_video_gives_the_full_batch_gradients(strategy):
+    def build(chunk):
+        torch.manual_seed(0)
+        model = DualEncoderModule(
+            tiny_vit(), tiny_bert(), strategy(), temporal=SequenceTransformer(num_layers=1)
+        )
+        model.grad_cache_chunk_size = chunk
+        for module in model.modules():  # dropout would differ between the two runs
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        for tower in (model.text_tower,):
+            tower.model.config.attention_probs_dropout_prob = 0.0
+        return model.train()
+
+    def step(model, batch):
+        model.zero_grad(set_to_none=True)
+        loss = model.training_step(batch, 0)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, cached = build(None), build(2)
+    batch = video_batch(plain, clips("train", 4, num_frames=3))
+    batch["frame_mask"][3, 2] = False
+    batch["frame_indices"][3, 2] = -1
+    expected, got = step(plain, batch), step(cached, batch)
+    assert got.keys() == expected.keys() and any(n.startswith("temporal.") for n in got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
