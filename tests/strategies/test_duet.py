@@ -201,6 +201,7 @@ def test_trainable_set_is_exactly_units_norms_and_heads(tower_pair):
         "backbone": sum(sizes[n].numel() for n in norms),
         "head": sum(sizes[n].numel() for n in heads),
         "temperature": 0,
+        "temporal": 0,
     }
 
 

@@ -29,6 +29,7 @@ def test_open_clip_paper_config_reproduces_the_published_count(config):
         "backbone": 0,
         "head": 0,
         "temperature": 0,
+        "temporal": 0,
     }
 
 
