@@ -420,6 +420,60 @@ def test_base_to_new_config_fits_and_tests_through_main(tmp_path):
     assert math.isfinite(float(next(row["train/loss"] for row in rows if row.get("train/loss"))))
 
 
+def test_predict_writes_embeddings_per_class_group_through_main(tmp_path):
+    """``pefttune predict`` on a classification data module writes one entry per class group."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "seed_everything": 0,
+                "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False},
+                "model": {
+                    "class_path": "pefttune.module.DualEncoderModule",
+                    "init_args": {
+                        **tiny_tower_config(),
+                        "strategy": {"class_path": "pefttune.strategies.full.FullFineTune"},
+                    },
+                },
+            }
+        )
+    )
+    output = tmp_path / "out" / "embeddings.pt"
+    source = "--data.init_args.source.init_args"
+    main(
+        [
+            "predict",
+            "--config",
+            str(config),
+            "--config",
+            str(BASE_TO_NEW),
+            f"{source}.num_train=288",
+            f"{source}.num_val=24",
+            f"{source}.num_test=72",
+            f"{source}.image_size=32",
+            "--data.init_args.shots=2",
+            "--data.init_args.batch_size=16",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks+=pefttune.callbacks.EmbeddingWriter",
+            f"--trainer.callbacks.output_path={output}",
+        ]
+    )
+    written = torch.load(output)
+    assert set(written) == {"base", "new"}
+    for group in written.values():
+        ids = group["image_ids"]
+        n, classes = len(ids), len(group["class_names"])
+        assert n > 0 and torch.equal(ids, torch.unique(ids))  # deduplicated, sorted
+        assert group["image_embeds"].shape[0] == group["labels"].shape[0] == n
+        assert group["logits"].shape == (n, classes)
+        assert int(group["labels"].min()) >= 0 and int(group["labels"].max()) < classes
+        norms = group["image_embeds"].norm(dim=-1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-4)
+    # Base and new classes are disjoint halves of the 36 classes.
+    assert not set(written["base"]["class_names"]) & set(written["new"]["class_names"])
+    assert len(written["base"]["class_names"]) == len(written["new"]["class_names"]) == 18
+
+
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_accuracy_under_ddp_equals_single_process():
