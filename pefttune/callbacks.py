@@ -348,13 +348,14 @@ class RunCheckpoint(ModelCheckpoint):
         return path
 
     def _export_peft(self, trainer: Trainer) -> None:
+        from pefttune.module import DualEncoderModule
         from pefttune.strategies.lora import LoRA
 
         module = trainer.lightning_module
-        if not self.dirpath or not isinstance(getattr(module, "strategy", None), LoRA):
+        if not (self.dirpath and isinstance(module, DualEncoderModule) and isinstance(module.strategy, LoRA)):
             return
         if trainer.is_global_zero:
-            export_peft_adapters(module, os.path.join(str(self.dirpath), PEFT_BEST))  # type: ignore[arg-type]
+            export_peft_adapters(module, os.path.join(str(self.dirpath), PEFT_BEST))
         trainer.strategy.barrier("pefttune_peft_export")
 
     def _save_last_if_behind(self, trainer: Trainer) -> None:

@@ -27,6 +27,8 @@ import torch
 import yaml
 from torch import nn
 
+from pefttune.data.contracts import ClassificationData, RetrievalData
+
 if TYPE_CHECKING:
     from pefttune.module import DualEncoderModule
 
@@ -98,9 +100,9 @@ class ForgettingEvaluation:
         from pefttune.evaluation import text_prompt_prefix
 
         data = self.datamodule
-        if hasattr(data, "attach_preprocessing"):
+        if isinstance(data, RetrievalData):
             data.attach_preprocessing(module.preprocessing)
-        if hasattr(data, "set_prompt_prefix"):
+        if isinstance(data, ClassificationData):
             data.set_prompt_prefix(text_prompt_prefix(module.strategy))
         if not self._prepared:
             data.setup(self.stage)
@@ -129,8 +131,9 @@ class ForgettingEvaluation:
         )
         accuracy = ZeroShotMetric()
         if zero_shot is None:
-            getter = getattr(self.datamodule, "evaluation_texts", None)
-            module.strategy.on_evaluation_start(module, list(getter(self.stage)) if callable(getter) else [])
+            data = self.datamodule
+            texts = list(data.evaluation_texts(self.stage)) if isinstance(data, RetrievalData) else []
+            module.strategy.on_evaluation_start(module, texts)
         batches = 0
         with _evaluation_mode(module):
             for index, loader in enumerate(self._loaders()):
