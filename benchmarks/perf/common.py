@@ -55,12 +55,12 @@ def training_batches(
 ) -> list[dict]:
     """``count`` training batches of the generated scenes, preprocessed for ``model``'s towers."""
     from pefttune.data import ImageTextDataModule
+    from pefttune.data.sources import Synthetic
 
     data = ImageTextDataModule(
-        source="synthetic",
+        source=Synthetic(num_train=max(train_images, batch_size * count), seed=seed),
         batch_size=batch_size,
         captions_per_image="sample",
-        synthetic_train=max(train_images, batch_size * count),
         seed=seed,
     )
     data.attach_preprocessing(model.preprocessing)

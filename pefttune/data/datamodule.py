@@ -65,6 +65,19 @@ _EVAL_ROLE: dict[str, Role] = {
 }
 
 
+def _plain_sources(hparams: dict[str, Any]) -> None:
+    """Replace Source objects in saved hyperparameters by plain data naming their class and contents.
+
+    Checkpoints store the data module's hyperparameters, and Lightning loads checkpoints with torch's
+    ``weights_only`` unpickler, which refuses arbitrary objects: a Source given in Python (the CLI records
+    ``class_path``/``init_args`` dicts instead) would make every checkpoint of the run unloadable.
+    """
+    for name, value in hparams.items():
+        if isinstance(value, Source):
+            class_path = f"{type(value).__module__}.{type(value).__qualname__}"
+            hparams[name] = {"class_path": class_path, "describe": value.describe()}
+
+
 class ImageTextDataModule(LightningDataModule):
     """Items with captions from a source per split: synthetic scenes, annotation files, shards, videos.
 
@@ -194,6 +207,7 @@ class ImageTextDataModule(LightningDataModule):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.save_hyperparameters(logger=False)
+        _plain_sources(self.hparams)
         legacy = {
             name: value for name, value in locals().items() if name in LEGACY_OPTIONS and value is not None
         }

@@ -11,6 +11,7 @@ from torch import nn
 
 from pefttune.data import ImageTextDataModule
 from pefttune.data.contracts import ClassificationData
+from pefttune.data.sources import Synthetic
 from pefttune.module import DualEncoderModule, training_texts
 from pefttune.strategies import CrossModalAdapter, DueT, FullFineTune
 from pefttune.strategies.base import AdaptationStrategy, DualEncoder, SizedImageTower, TrainingTexts
@@ -67,12 +68,8 @@ class _TextRecorder(_Recorder):
 def _fit_one_step(strategy: AdaptationStrategy) -> tuple[DualEncoderModule, ImageTextDataModule]:
     model = DualEncoderModule(tiny_vit(), tiny_bert(), strategy)
     data = ImageTextDataModule(
-        source="synthetic",
+        source=Synthetic(num_train=4, num_val=4, num_test=4, image_size=32),
         batch_size=4,
-        synthetic_train=4,
-        synthetic_val=4,
-        synthetic_test=4,
-        synthetic_image_size=32,
     )
     trainer = Trainer(
         max_steps=1,
