@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
@@ -116,7 +117,8 @@ class ImageTextDataModule(LightningDataModule):
         eval_batch_size: Evaluation batch size in items (each brings its captions); None means ``batch_size``.
         num_workers: DataLoader worker processes.
         persistent_workers: Keep workers alive between epochs (only with ``num_workers > 0``).
-        pin_memory: Pin batches in page-locked memory (faster host-to-GPU copies).
+        pin_memory: Pin batches in page-locked memory (faster host-to-GPU copies). ``None`` (default): on
+            when CUDA is available (``torch.cuda.is_available()``), off otherwise, where pinning only costs.
         drop_last: Drop the last incomplete training batch; contrastive losses want full batches.
         captions_per_image: ``"all"``: one training pair per caption (CLIP4Clip's
             ``--expand_msrvtt_sentences``). ``"sample"``: one pair per item per epoch with a caption drawn
@@ -167,7 +169,7 @@ class ImageTextDataModule(LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         persistent_workers: bool = True,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         drop_last: bool = True,
         captions_per_image: Literal["all", "sample"] = "all",
         eval_captions: Literal["all", "one"] = "all",
@@ -476,7 +478,7 @@ class ImageTextDataModule(LightningDataModule):
         return {
             "num_workers": self.num_workers,
             "persistent_workers": self.persistent_workers and self.num_workers > 0,
-            "pin_memory": self.pin_memory,
+            "pin_memory": self.pin_memory if self.pin_memory is not None else torch.cuda.is_available(),
         }
 
     def train_dataloader(self) -> DataLoader:
