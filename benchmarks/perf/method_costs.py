@@ -14,8 +14,14 @@ re-invoked with ``--worker``), so one method's memory cannot leak into another's
 
 The table lists both per method and their ratio to full fine-tuning, measured in the same run.
 
+``--gradient-checkpointing`` turns on both towers' gradient checkpointing for every method (full
+fine-tuning included, so the ratios compare like with like) and checks issue 15's target: the training
+memory of LoRA, CMA, APEX and DueT at most 0.35x full fine-tuning's at the same batch size.
+
     python benchmarks/perf/method_costs.py                      # 64 px, batch 32, 6 timed steps
     python benchmarks/perf/method_costs.py --image-size 96 --batch-size 64
+    python benchmarks/perf/method_costs.py --gradient-checkpointing --image-size 224 --batch-size 64
+    python benchmarks/perf/method_costs.py --tiny --steps 1 --warmup 0   # smoke: tiny random towers
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import sys
 import time
 
 from common import (
+    TOWERS,
     build_model,
     current_rss_mb,
     machine_line,
@@ -38,6 +45,10 @@ from common import (
     training_batches,
 )
 
+#: Issue 15: with checkpointing on, these methods' training memory is at most this fraction of full's.
+MEMORY_TARGET = 0.35
+TARGET_METHODS = ("lora", "cma", "apex", "duet")
+
 
 def worker(args: argparse.Namespace) -> None:
     import torch
@@ -45,7 +56,17 @@ def worker(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(method_config(args.worker), args.image_size)
+    model = build_model(
+        method_config(args.worker),
+        None if args.tiny else args.image_size,
+        tiny=args.tiny,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    for tower in TOWERS:
+        # A tower that ignored the switch would make the comparison meaningless: fail loudly.
+        enabled = getattr(model, tower).gradient_checkpointing
+        if enabled != args.gradient_checkpointing:
+            raise RuntimeError(f"{args.worker}: {tower}.gradient_checkpointing is {enabled}")
     batches = training_batches(model, args.batch_size, count=2, seed=0)
     optimizer = make_optimizer(model)
     baseline = current_rss_mb()
@@ -85,6 +106,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute the towers' activations in the backward pass (every method, full included) and "
+        f"check the target: {', '.join(TARGET_METHODS)} at most {MEMORY_TARGET}x full's training memory",
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="the tiny random test towers (a smoke test; not a measurement)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -96,8 +126,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(machine_line())
     print(
-        f"image size {args.image_size}, batch {args.batch_size}, "
-        f"median of {args.steps} steps after {args.warmup} untimed"
+        f"{'tiny towers' if args.tiny else f'image size {args.image_size}'}, batch {args.batch_size}, "
+        f"median of {args.steps} steps after {args.warmup} untimed, "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
     )
     methods = args.methods.split(",")
     for method in methods:
@@ -119,6 +150,8 @@ def main() -> None:
             str(args.warmup),
             "--threads",
             str(args.threads),
+            *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
+            *(["--tiny"] if args.tiny else []),
         ]
         out = subprocess.run(command, capture_output=True, text=True, check=False)
         if out.returncode != 0:
@@ -143,6 +176,16 @@ def main() -> None:
             f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.3f} | {time_ratio} "
             f"| {r['train_mb']:.0f} | {mem_ratio} | {r['peak_mb']:.0f} |"
         )
+    if args.gradient_checkpointing:
+        print()
+        print(f"target (issue 15, checkpointing on): training memory <= {MEMORY_TARGET}x full fine-tuning")
+        for method in TARGET_METHODS:
+            row = next((r for r in rows if r["method"] == method), None)
+            if row is None or full is None or full["train_mb"] <= 0:
+                print(f"  {method}: not measured (needs {method} and full in --methods)")
+                continue
+            ratio = row["train_mb"] / full["train_mb"]
+            print(f"  {method}: {ratio:.2f}x full: {'met' if ratio <= MEMORY_TARGET else 'NOT met'}")
 
 
 if __name__ == "__main__":
