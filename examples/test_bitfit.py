@@ -14,6 +14,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 from examples.bitfit import BitFit
 from pefttune.data import ImageTextDataModule
+from pefttune.data.sources import Synthetic
 from pefttune.module import DualEncoderModule
 from pefttune.testing import TINY_TOWER_PAIRS
 
@@ -63,12 +64,8 @@ def test_training_changes_biases_only() -> None:
     model = DualEncoderModule(image_tower, text_tower, strategy=BitFit())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     data = ImageTextDataModule(
-        source="synthetic",
+        source=Synthetic(num_train=16, num_val=8, num_test=8, image_size=32),
         batch_size=8,
-        synthetic_train=16,
-        synthetic_val=8,
-        synthetic_test=8,
-        synthetic_image_size=32,
     )
     trainer = Trainer(
         max_steps=2,

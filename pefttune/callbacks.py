@@ -19,14 +19,24 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 from lightning.pytorch.utilities import rank_zero_warn
 
 from pefttune.checkpointing import export_peft_adapters, remove_stale_temporary_files, save_adapter
+from pefttune.data.contracts import ClassificationData
 
 
 class EmbeddingWriter(BasePredictionWriter):
     """Write the image and text embeddings of ``pefttune predict`` to a file.
 
-    The file holds one dict of tensors: ``image_embeds`` [N, D] and ``image_ids`` [N], ``text_embeds`` [T, D],
-    ``caption_ids`` [T] and ``caption_image_ids`` [T], deduplicated by id (a distributed sampler repeats a
-    few samples) and sorted by id. Under DDP each rank writes ``<stem>.rank<R>.pt``.
+    Retrieval: the file holds one dict of tensors: ``image_embeds`` [N, D] and ``image_ids`` [N],
+    ``text_embeds`` [T, D], ``caption_ids`` [T] and ``caption_image_ids`` [T], deduplicated by id (a
+    distributed sampler repeats a few samples) and sorted by id.
+
+    Classification (batches with ``labels``, e.g. from
+    :class:`~pefttune.data.ClassificationDataModule`): one dataloader per class group, and the same images
+    may appear in several groups, so the file holds one dict per group, keyed by the group's name
+    (``"all"``, or ``"base"`` and ``"new"``): ``image_ids`` [N], ``image_embeds`` [N, D], ``labels`` [N]
+    (indices into the group's classes), ``logits`` [N, C] (cosine scores against the group's class
+    embeddings) and ``class_names`` (the group's C classes), deduplicated by id and sorted by id.
+
+    Under DDP each rank writes ``<stem>.rank<R>.pt``.
 
     Args:
         output_path: the file to write; ``None`` writes ``embeddings.pt`` in the trainer's log directory.
@@ -45,19 +55,23 @@ class EmbeddingWriter(BasePredictionWriter):
         batch_indices: Sequence[Any] | None,
     ) -> None:
         """Concatenate, deduplicate and save the epoch's embeddings."""
-        batches = [p for group in _flatten_dataloaders(predictions) for p in group]
+        loaders = _flatten_dataloaders(predictions)
+        batches = [p for group in loaders for p in group]
         if not batches:
             return
-        merged = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
-        images = _unique_by(merged["image_ids"], merged["image_embeds"])
-        texts = _unique_by(merged["caption_ids"], merged["text_embeds"], merged["caption_image_ids"])
-        result = {
-            "image_ids": images[0],
-            "image_embeds": images[1],
-            "caption_ids": texts[0],
-            "text_embeds": texts[1],
-            "caption_image_ids": texts[2],
-        }
+        if "labels" in batches[0]:
+            result: dict[str, Any] = _classification_result(trainer, loaders)
+        else:
+            merged = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+            images = _unique_by(merged["image_ids"], merged["image_embeds"])
+            texts = _unique_by(merged["caption_ids"], merged["text_embeds"], merged["caption_image_ids"])
+            result = {
+                "image_ids": images[0],
+                "image_embeds": images[1],
+                "caption_ids": texts[0],
+                "text_embeds": texts[1],
+                "caption_image_ids": texts[2],
+            }
         path = self.output_path or os.path.join(trainer.log_dir or trainer.default_root_dir, "embeddings.pt")
         if trainer.world_size > 1:
             stem, ext = os.path.splitext(path)
@@ -71,6 +85,37 @@ def _flatten_dataloaders(predictions: Sequence[Any]) -> list[list[dict[str, torc
     if predictions and isinstance(predictions[0], dict):
         return [list(predictions)]
     return [list(group) for group in predictions]
+
+
+def _classification_result(
+    trainer: Trainer, loaders: list[list[dict[str, torch.Tensor]]]
+) -> dict[str, dict[str, Any]]:
+    """One entry per class group: its image ids repeat across groups, so groups are kept apart."""
+    datamodule = trainer.datamodule
+    if isinstance(datamodule, ClassificationData):
+        groups = datamodule.evaluation_groups("predict")
+        names = [group.name for group in groups]
+        class_names: list[list[str] | None] = [list(group.class_names) for group in groups]
+    else:
+        # Dataloaders given to ``predict`` directly: no group names to read, so number them.
+        names = [f"group{index}" for index in range(len(loaders))]
+        class_names = [None] * len(loaders)
+    if len(names) != len(loaders):
+        raise RuntimeError(
+            f"the data module names {len(names)} predict class groups ({names}) but {len(loaders)} "
+            "dataloaders were predicted"
+        )
+    result: dict[str, dict[str, Any]] = {}
+    for name, classes, batches in zip(names, class_names, loaders, strict=True):
+        if not batches:
+            continue
+        keys = ("image_ids", "image_embeds", "labels", "logits")
+        ids, embeds, labels, logits = _unique_by(*(torch.cat([b[key] for b in batches]) for key in keys))
+        entry: dict[str, Any] = {"image_ids": ids, "image_embeds": embeds, "labels": labels, "logits": logits}
+        if classes is not None:
+            entry["class_names"] = classes
+        result[name] = entry
+    return result
 
 
 def _unique_by(ids: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -303,13 +348,14 @@ class RunCheckpoint(ModelCheckpoint):
         return path
 
     def _export_peft(self, trainer: Trainer) -> None:
+        from pefttune.module import DualEncoderModule
         from pefttune.strategies.lora import LoRA
 
         module = trainer.lightning_module
-        if not self.dirpath or not isinstance(getattr(module, "strategy", None), LoRA):
+        if not (self.dirpath and isinstance(module, DualEncoderModule) and isinstance(module.strategy, LoRA)):
             return
         if trainer.is_global_zero:
-            export_peft_adapters(module, os.path.join(str(self.dirpath), PEFT_BEST))  # type: ignore[arg-type]
+            export_peft_adapters(module, os.path.join(str(self.dirpath), PEFT_BEST))
         trainer.strategy.barrier("pefttune_peft_export")
 
     def _save_last_if_behind(self, trainer: Trainer) -> None:

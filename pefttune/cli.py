@@ -49,6 +49,7 @@ from pefttune.callbacks import (
     ordered_metrics,
 )
 from pefttune.checkpointing import describe_unreadable, load_adapter
+from pefttune.data.classification import ClassificationDataModule
 from pefttune.data.datamodule import ImageTextDataModule
 from pefttune.module import DualEncoderModule
 from pefttune.towers.base import architecture_only
@@ -521,6 +522,11 @@ __all__ = [
     "parse_config",
     "resolve_config",
 ]
+
+
+#: The data modules pefttune ships. jsonargparse lists the subclasses already imported in ``--help``, and
+#: :mod:`pefttune.data` imports lazily, so they are imported here by name.
+DATA_MODULES = (ImageTextDataModule, ClassificationDataModule)
 
 
 # -- entry points --------------------------------------------------------------------------------------------

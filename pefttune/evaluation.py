@@ -33,6 +33,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from pefttune.data.contracts import ClassificationData
 from pefttune.metrics.zeroshot import class_embeddings, harmonic_mean, zero_shot_logits
 
 if TYPE_CHECKING:
@@ -187,12 +188,17 @@ class ZeroShotEvaluation:
         self.class_embeds: Tensor | None = None
 
     @classmethod
-    def for_datamodule(cls, datamodule: Any, stage: str) -> ZeroShotEvaluation | None:
-        """The evaluation of a stage, or None when the data module has no class groups (retrieval data)."""
-        getter = getattr(datamodule, "evaluation_groups", None)
-        if not callable(getter):
+    def for_datamodule(cls, datamodule: object, stage: str) -> ZeroShotEvaluation | None:
+        """The evaluation of a stage, or None when the data module has no class groups.
+
+        Args:
+            datamodule: Any data module; only a :class:`~pefttune.data.contracts.ClassificationData` has
+                class groups (retrieval data, or none, gives None).
+            stage: ``"validate"``, ``"test"`` or ``"predict"``.
+        """
+        if not isinstance(datamodule, ClassificationData):
             return None
-        groups = getter(stage)
+        groups = datamodule.evaluation_groups(stage)
         return cls(groups) if groups else None
 
     def activate(self, module: DualEncoderModule, index: int) -> Tensor:

@@ -81,23 +81,15 @@ class _ForgetCachedFeatures:
 def training_texts(datamodule: object) -> TrainingTexts:
     """Every text the data module trains on, for a strategy that asks for them (APEX's text bank).
 
-    The data module's ``training_texts()``; for data modules without it, the captions of its training
-    records. Class prompts when the data module serves zero-shot classification (``evaluation_groups``),
-    else captions. Empty without a data module or when the training split streams from shards (logged).
+    The data module's ``training_texts()`` (:class:`~pefttune.data.contracts.RetrievalData`): class prompts
+    when it serves zero-shot classification (:class:`~pefttune.data.contracts.ClassificationData`), else
+    captions. Empty without such a data module or when the training split streams from shards (logged).
     """
-    if datamodule is None:
+    if not isinstance(datamodule, RetrievalData):
         return TrainingTexts()
-    # The one place that probes the data module: the declared data-module Protocols
-    # (pefttune.data.contracts: RetrievalData.training_texts, ClassificationData) replace these probes.
-    getter = getattr(datamodule, "training_texts", None)
-    records = getattr(datamodule, "records", None)
-    classification = callable(getattr(datamodule, "evaluation_groups", None))
-    kind: TextKind = "class_prompts" if classification else "captions"
+    kind: TextKind = "class_prompts" if isinstance(datamodule, ClassificationData) else "captions"
     try:
-        if callable(getter):
-            return TrainingTexts(tuple(getter()), kind)
-        if callable(records):
-            return TrainingTexts(tuple(c for record in records("train") for c in record.captions), kind)
+        return TrainingTexts(tuple(datamodule.training_texts()), kind)
     except RuntimeError as error:
         log.warning("cannot list the training texts (%s)", error)
     return TrainingTexts(kind=kind)
@@ -302,7 +294,7 @@ class DualEncoderModule(LightningModule):
     def setup(self, stage: str) -> None:
         """Hand the towers' preprocessing to the data module before its dataloaders are built."""
         self.compile_towers_now()
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
         if isinstance(datamodule, RetrievalData):
             datamodule.attach_preprocessing(self.preprocessing)
         if isinstance(datamodule, ClassificationData):
@@ -635,11 +627,11 @@ class DualEncoderModule(LightningModule):
         return self.strategy.evaluation_image_embeddings(self, batch["pixel_values"])
 
     def _evaluation_texts(self, stage: str) -> list[str]:
-        datamodule = getattr(self.trainer, "datamodule", None)
+        datamodule = self.trainer.datamodule
         return list(datamodule.evaluation_texts(stage)) if isinstance(datamodule, RetrievalData) else []
 
     def _start_evaluation(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
+        datamodule = self.trainer.datamodule
         self._zero_shot = ZeroShotEvaluation.for_datamodule(datamodule, stage)
         if self._zero_shot is None:
             self.strategy.on_evaluation_start(self, self._evaluation_texts(stage))

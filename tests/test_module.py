@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pefttune.data import ImageTextDataModule
+from pefttune.data.sources import Synthetic
 from pefttune.losses import InfoNCELoss, MultiPositiveInfoNCELoss, SigLIPLoss
 from pefttune.module import DualEncoderModule, NonFiniteLossError
 from pefttune.strategies import FullFineTune, LiT, TemperaturePolicy
@@ -12,9 +13,7 @@ from pefttune.testing import tiny_bert, tiny_clip, tiny_cnn, tiny_vit
 
 
 def _datamodule(**kwargs):
-    options = dict(
-        synthetic_train=16, synthetic_val=8, synthetic_test=8, synthetic_image_size=32, batch_size=8
-    )
+    options = dict(source=Synthetic(num_train=16, num_val=8, num_test=8, image_size=32), batch_size=8)
     options.update(kwargs)
     return ImageTextDataModule(**options)
 

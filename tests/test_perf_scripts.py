@@ -81,3 +81,25 @@ def test_peer_openclip_smoke():
     pytest.importorskip("pandas")  # open_clip_train's CSV dataset needs it
     out = _run("peer_openclip.py", "--smoke")
     assert "| full |" in out and "| lit |" in out
+
+
+@pytest.mark.slow
+def test_method_costs_with_gradient_checkpointing_smoke():
+    # The worker refuses to measure unless both towers report checkpointing on.
+    out = _run(
+        "method_costs.py",
+        "--tiny",
+        "--gradient-checkpointing",
+        "--methods",
+        "full,lora",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+    )
+    assert "gradient checkpointing on" in out and "| full |" in out and "| lora |" in out
+    assert "lora: " in out and "x full: " in out and "cma: not measured" in out

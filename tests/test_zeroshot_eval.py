@@ -28,7 +28,7 @@ from pefttune.data.classification import (
 from pefttune.data.datasets import load_image
 from pefttune.data.preprocessing import Preprocessing
 from pefttune.data.records import DataFormatError, ErrorPolicy
-from pefttune.data.sources import ImageFolder
+from pefttune.data.sources import ImageFolder, Karpathy, Synthetic, Table
 from pefttune.evaluation import ZeroShotMetric
 from pefttune.metrics.zeroshot import ZeroShotAccuracy, harmonic_mean
 from pefttune.module import DualEncoderModule
@@ -38,7 +38,9 @@ from pefttune.testing import tiny_bert, tiny_tower_config, tiny_vit
 REPO = Path(__file__).resolve().parents[1]
 BASE_TO_NEW = REPO / "configs" / "zeroshot" / "base_to_new_synthetic.yaml"
 COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "owl": (30, 30, 200)}
-TINY_SYNTHETIC = dict(synthetic_train=288, synthetic_val=24, synthetic_test=72, synthetic_image_size=32)
+# The generated scenes' 36 colour-shape classes (as ClassificationDataModule's default source: none held out).
+TINY_SCENES = dict(num_train=288, num_val=24, num_test=72, image_size=32, held_out_fraction=0.0)
+TINY_SYNTHETIC = dict(source=Synthetic(**TINY_SCENES))
 
 
 def _tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
@@ -107,7 +109,7 @@ def test_image_folder_reader_and_data_module(tmp_path):
 
 def test_image_folder_without_a_validation_folder_says_how_to_fix_it(tmp_path):
     _save(tmp_path / "a" / "0.png", (1, 2, 3))
-    dm = ClassificationDataModule(source=str(tmp_path))
+    dm = ClassificationDataModule(source=ImageFolder(str(tmp_path)))
     with pytest.raises(DataFormatError, match="set val_source"):
         dm.setup("fit")
 
@@ -125,10 +127,14 @@ def test_csv_reader_with_path_and_label_columns(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     dm = ClassificationDataModule(
-        source=str(tmp_path / "labels.csv"),
-        image_column="path",
-        label_column="species",
-        split_column="part",
+        source=Table(
+            str(tmp_path / "labels.csv"),
+            format="csv",
+            image_column="path",
+            caption_column="species",
+            label_column="species",
+            split_column="part",
+        ),
         batch_size=2,
     )
     dm.attach_preprocessing(PREPROCESSING)
@@ -155,7 +161,9 @@ def test_karpathy_class_key(tmp_path):
                 }
             )
     (tmp_path / "captions.json").write_text(json.dumps({"images": images}))
-    dm = ClassificationDataModule(source=str(tmp_path / "captions.json"), batch_size=3, drop_last=False)
+    dm = ClassificationDataModule(
+        source=Karpathy(str(tmp_path / "captions.json")), batch_size=3, drop_last=False
+    )
     dm.attach_preprocessing(PREPROCESSING)
     dm.setup("fit")
     assert dm.all_classes == ["cat", "dog", "owl"]
@@ -173,7 +181,7 @@ def test_unlabelled_images_raise_or_are_skipped(tmp_path):
     for image in images:
         _save(tmp_path / image["filename"], (9, 9, 9))
     (tmp_path / "captions.json").write_text(json.dumps({"images": images}))
-    options = dict(source=str(tmp_path / "captions.json"), val_split=None, test_split=None)
+    options = dict(source=Karpathy(str(tmp_path / "captions.json")), val_split=None, test_split=None)
     with pytest.raises(DataFormatError, match="no class label"):
         ClassificationDataModule(**options).setup("fit")
     dm = ClassificationDataModule(**options, on_error="skip")
@@ -272,7 +280,10 @@ FOUR_CLASSES = ["blue circle", "green square", "red star", "white cross"]
 def test_module_accuracy_equals_a_hand_computation():
     templates = ["a photo of a {}.", "a drawing of the {}"]
     dm = ClassificationDataModule(
-        classes=FOUR_CLASSES, templates=templates, synthetic_test=200, synthetic_image_size=32, val_split=None
+        source=Synthetic(num_test=200, image_size=32, held_out_fraction=0.0),
+        classes=FOUR_CLASSES,
+        templates=templates,
+        val_split=None,
     )
     model = DualEncoderModule(tiny_vit(), tiny_bert(), FullFineTune())
     trainer = _trainer()
@@ -346,7 +357,7 @@ def test_retrieval_data_still_takes_the_retrieval_path():
 
     model = DualEncoderModule(tiny_vit(), tiny_bert(), FullFineTune())
     dm = ImageTextDataModule(
-        synthetic_train=8, synthetic_val=8, synthetic_test=8, synthetic_image_size=32, batch_size=8
+        source=Synthetic(num_train=8, num_val=8, num_test=8, image_size=32), batch_size=8
     )
     results = _trainer(limit_train_batches=0).test(model, datamodule=dm, verbose=False)[0]
     assert "test/rsum" in results and not any(key.startswith("test/acc") for key in results)
@@ -392,7 +403,7 @@ def test_base_to_new_config_fits_and_tests_through_main(tmp_path):
     }
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(towers))
-    overrides = [f"--data.init_args.{key}={value}" for key, value in TINY_SYNTHETIC.items()]
+    overrides = [f"--data.init_args.source.init_args.{key}={value}" for key, value in TINY_SCENES.items()]
     main(
         [
             "fit",
@@ -420,11 +431,65 @@ def test_base_to_new_config_fits_and_tests_through_main(tmp_path):
     assert math.isfinite(float(next(row["train/loss"] for row in rows if row.get("train/loss"))))
 
 
+def test_predict_writes_embeddings_per_class_group_through_main(tmp_path):
+    """``pefttune predict`` on a classification data module writes one entry per class group."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "seed_everything": 0,
+                "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False},
+                "model": {
+                    "class_path": "pefttune.module.DualEncoderModule",
+                    "init_args": {
+                        **tiny_tower_config(),
+                        "strategy": {"class_path": "pefttune.strategies.full.FullFineTune"},
+                    },
+                },
+            }
+        )
+    )
+    output = tmp_path / "out" / "embeddings.pt"
+    overrides = [f"--data.init_args.source.init_args.{key}={value}" for key, value in TINY_SCENES.items()]
+    main(
+        [
+            "predict",
+            "--config",
+            str(config),
+            "--config",
+            str(BASE_TO_NEW),
+            *overrides,
+            "--data.init_args.shots=2",
+            "--data.init_args.batch_size=16",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks+=pefttune.callbacks.EmbeddingWriter",
+            f"--trainer.callbacks.output_path={output}",
+        ]
+    )
+    written = torch.load(output)
+    assert set(written) == {"base", "new"}
+    for group in written.values():
+        ids = group["image_ids"]
+        n, classes = len(ids), len(group["class_names"])
+        assert n > 0 and torch.equal(ids, torch.unique(ids))  # deduplicated, sorted
+        assert group["image_embeds"].shape[0] == group["labels"].shape[0] == n
+        assert group["logits"].shape == (n, classes)
+        assert int(group["labels"].min()) >= 0 and int(group["labels"].max()) < classes
+        norms = group["image_embeds"].norm(dim=-1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-4)
+    # Base and new classes are disjoint halves of the 36 classes.
+    assert not set(written["base"]["class_names"]) & set(written["new"]["class_names"])
+    assert len(written["base"]["class_names"]) == len(written["new"]["class_names"]) == 18
+
+
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_accuracy_under_ddp_equals_single_process():
     dm_options = dict(
-        classes=FOUR_CLASSES, synthetic_test=200, synthetic_image_size=32, val_split=None, batch_size=4
+        source=Synthetic(num_test=200, image_size=32, held_out_fraction=0.0),
+        classes=FOUR_CLASSES,
+        val_split=None,
+        batch_size=4,
     )
     model = DualEncoderModule(tiny_vit(), tiny_bert(), FullFineTune())
     single = _trainer().test(model, datamodule=ClassificationDataModule(**dm_options), verbose=False)[0]

@@ -29,11 +29,17 @@ def method_config(name: str) -> str:
     return get_method(name).config
 
 
-def build_model(config: str, image_size: int | None = None, tiny: bool = False):
+TOWERS = ("image_tower", "text_tower")
+
+
+def build_model(
+    config: str, image_size: int | None = None, tiny: bool = False, gradient_checkpointing: bool = False
+):
     """The ``model`` section of a fit config (real offline weights), optionally at another image size.
 
     ``tiny`` swaps the towers for the tiny random test ViT and BERT of :mod:`pefttune.testing` (the
-    config's strategy, optimizer and schedule stay).
+    config's strategy, optimizer and schedule stay). ``gradient_checkpointing`` turns on both towers'
+    ``gradient_checkpointing`` argument (activations recomputed in the backward pass).
     """
     import json
 
@@ -47,6 +53,8 @@ def build_model(config: str, image_size: int | None = None, tiny: bool = False):
         ]
     elif image_size is not None:
         overrides.append(f"--model.init_args.image_tower.init_args.image_size={image_size}")
+    if gradient_checkpointing:
+        overrides += [f"--model.init_args.{tower}.init_args.gradient_checkpointing=true" for tower in TOWERS]
     return build_model_from_config(str(REPO / config), overrides)
 
 
@@ -55,12 +63,12 @@ def training_batches(
 ) -> list[dict]:
     """``count`` training batches of the generated scenes, preprocessed for ``model``'s towers."""
     from pefttune.data import ImageTextDataModule
+    from pefttune.data.sources import Synthetic
 
     data = ImageTextDataModule(
-        source="synthetic",
+        source=Synthetic(num_train=max(train_images, batch_size * count), seed=seed),
         batch_size=batch_size,
         captions_per_image="sample",
-        synthetic_train=max(train_images, batch_size * count),
         seed=seed,
     )
     data.attach_preprocessing(model.preprocessing)

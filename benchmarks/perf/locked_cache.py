@@ -39,6 +39,7 @@ class Side:
         import torch
 
         from pefttune.data import ImageTextDataModule
+        from pefttune.data.sources import Synthetic
 
         torch.manual_seed(0)
         self.model = build_model("configs/lit.yaml", args.image_size)
@@ -47,7 +48,7 @@ class Side:
         self.optimizer = make_optimizer(self.model)
         self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         self.data = ImageTextDataModule(
-            source="synthetic", batch_size=args.batch_size, synthetic_train=args.train_images, seed=0
+            source=Synthetic(num_train=args.train_images, seed=0), batch_size=args.batch_size, seed=0
         )
         self.data.attach_preprocessing(self.model.preprocessing)
         self.data.setup("fit")

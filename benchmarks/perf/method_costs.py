@@ -14,6 +14,10 @@ re-invoked with ``--worker``), so one method's memory cannot leak into another's
 
 The table lists both per method and their ratio to full fine-tuning, measured in the same run.
 
+``--gradient-checkpointing`` turns on both towers' gradient checkpointing for every method (full
+fine-tuning included, so the ratios compare like with like) and checks issue 15's target: the training
+memory of LoRA, CMA, APEX and DueT at most 0.35x full fine-tuning's at the same batch size.
+
     python benchmarks/perf/method_costs.py                      # 64 px, batch 32, 6 timed steps
     python benchmarks/perf/method_costs.py --image-size 96 --batch-size 64
 
@@ -23,6 +27,8 @@ tower runs on batch x frames images per step); the table adds frames per second 
 
     python benchmarks/perf/method_costs.py --video              # 64 px, batch 32 clips x 4 frames
     python benchmarks/perf/method_costs.py --video --frames 8 --batch-size 16
+    python benchmarks/perf/method_costs.py --gradient-checkpointing --image-size 224 --batch-size 64
+    python benchmarks/perf/method_costs.py --tiny --steps 1 --warmup 0   # smoke: tiny random towers
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import time
 
 from common import (
     REPO,
+    TOWERS,
     build_model,
     current_rss_mb,
     machine_line,
@@ -45,6 +52,10 @@ from common import (
     peak_rss_mb,
     training_batches,
 )
+
+#: Issue 15: with checkpointing on, these methods' training memory is at most this fraction of full's.
+MEMORY_TARGET = 0.35
+TARGET_METHODS = ("lora", "cma", "apex", "duet")
 
 
 def video_config(name: str) -> str:
@@ -89,11 +100,21 @@ def worker(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    config = video_config(args.worker) if args.video else method_config(args.worker)
+    model = build_model(
+        config,
+        None if args.tiny else args.image_size,
+        tiny=args.tiny,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    for tower in TOWERS:
+        # A tower that ignored the switch would make the comparison meaningless: fail loudly.
+        enabled = getattr(model, tower).gradient_checkpointing
+        if enabled != args.gradient_checkpointing:
+            raise RuntimeError(f"{args.worker}: {tower}.gradient_checkpointing is {enabled}")
     if args.video:
-        model = build_model(video_config(args.worker), args.image_size)
         batches = video_batches(model, args.batch_size, args.frames, count=2, seed=0)
     else:
-        model = build_model(method_config(args.worker), args.image_size)
         batches = training_batches(model, args.batch_size, count=2, seed=0)
     optimizer = make_optimizer(model)
     baseline = current_rss_mb()
@@ -136,6 +157,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--video", action="store_true", help="a video step (configs/video, generated clips)")
     parser.add_argument("--frames", type=int, default=4, help="--video: frames per clip")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute the towers' activations in the backward pass (every method, full included) and "
+        f"check the target: {', '.join(TARGET_METHODS)} at most {MEMORY_TARGET}x full's training memory",
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="the tiny random test towers (a smoke test; not a measurement)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -149,7 +179,11 @@ def main() -> None:
     what = f"batch {args.batch_size}"
     if args.video:
         what = f"video, batch {args.batch_size} clips x {args.frames} frames"
-    print(f"image size {args.image_size}, {what}, median of {args.steps} steps after {args.warmup} untimed")
+    print(
+        f"{'tiny towers' if args.tiny else f'image size {args.image_size}'}, {what}, "
+        f"median of {args.steps} steps after {args.warmup} untimed, "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+    )
     methods = args.methods.split(",")
     for method in methods:
         # An unknown name (or a method without a video config) fails here, naming what exists.
@@ -177,6 +211,8 @@ def main() -> None:
             "--frames",
             str(args.frames),
             *(["--video"] if args.video else []),
+            *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
+            *(["--tiny"] if args.tiny else []),
         ]
         out = subprocess.run(command, capture_output=True, text=True, check=False)
         if out.returncode != 0:
@@ -203,6 +239,16 @@ def main() -> None:
             f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.3f} | {time_ratio} |{frames} "
             f"{r['train_mb']:.0f} | {mem_ratio} | {r['peak_mb']:.0f} |"
         )
+    if args.gradient_checkpointing:
+        print()
+        print(f"target (issue 15, checkpointing on): training memory <= {MEMORY_TARGET}x full fine-tuning")
+        for method in TARGET_METHODS:
+            row = next((r for r in rows if r["method"] == method), None)
+            if row is None or full is None or full["train_mb"] <= 0:
+                print(f"  {method}: not measured (needs {method} and full in --methods)")
+                continue
+            ratio = row["train_mb"] / full["train_mb"]
+            print(f"  {method}: {ratio:.2f}x full: {'met' if ratio <= MEMORY_TARGET else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ per pair, open_clip's layout), with the same batch size, epochs, optimizer (Adam
 * **open_clip**: ``open_clip_train.main`` (the ``open_clip_train`` package of ``open_clip_torch``), with
   the towers as a registered model config (timm vision tower, Hugging Face text tower, linear heads), and
   for LiT ``--lock-image --lock-image-freeze-bn-stats`` with no image head (``timm_proj: none``) and a
-  text head to the image features' width, like ``configs/lit.yaml``.
+  text head to the image features' width, like ``configs/lit.yaml``. ``open_clip_train`` also needs
+  pandas: ``pip install 'pefttune[bench]'``.
 * **pefttune**: ``pefttune fit --config configs/<method>.yaml`` with the CSV as its data and validation
   and the test after the fit off. (pefttune loads the real EfficientNet-Lite0 weights, open_clip builds
   the same architecture with random weights, which costs the same.)

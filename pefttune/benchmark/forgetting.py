@@ -27,6 +27,8 @@ import torch
 import yaml
 from torch import nn
 
+from pefttune.data.contracts import ClassificationData, RetrievalData
+
 if TYPE_CHECKING:
     from pefttune.module import DualEncoderModule
 
@@ -37,10 +39,15 @@ PREFIX = "forget"
 def load_data_config(path: str | Path) -> Any:
     """Build the data module of a config file's ``data:`` section (``class_path`` and ``init_args``).
 
+    Nested classes (``source: {class_path: pefttune.data.sources.Synthetic, init_args: ...}``) are built
+    as the CLI builds them, by jsonargparse.
+
     Raises:
-        ValueError: If the file has no ``data`` section with a ``class_path`` (names the file).
+        ValueError: If the file has no ``data`` section with a ``class_path``, or the section does not
+            parse (names the file).
     """
-    from lightning.pytorch.cli import instantiate_class
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningDataModule
 
     with open(path, encoding="utf-8") as handle:
         config = yaml.safe_load(handle) or {}
@@ -50,9 +57,13 @@ def load_data_config(path: str | Path) -> Any:
             f"{path}: a forgetting data config needs a 'data:' section with 'class_path' and 'init_args' "
             "(as in a run config)"
         )
-    return instantiate_class(
-        (), {"class_path": data["class_path"], "init_args": dict(data.get("init_args") or {})}
-    )
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--data", type=LightningDataModule)
+    section = {"class_path": data["class_path"], "init_args": dict(data.get("init_args") or {})}
+    try:
+        return parser.instantiate(parser.parse_object({"data": section})).data
+    except Exception as error:  # jsonargparse's ArgumentError, or the data module's own check
+        raise ValueError(f"{path}: cannot build the 'data:' section: {error}") from error
 
 
 @contextlib.contextmanager
@@ -98,9 +109,9 @@ class ForgettingEvaluation:
         from pefttune.evaluation import text_prompt_prefix
 
         data = self.datamodule
-        if hasattr(data, "attach_preprocessing"):
+        if isinstance(data, RetrievalData):
             data.attach_preprocessing(module.preprocessing)
-        if hasattr(data, "set_prompt_prefix"):
+        if isinstance(data, ClassificationData):
             data.set_prompt_prefix(text_prompt_prefix(module.strategy))
         if not self._prepared:
             data.setup(self.stage)
@@ -129,8 +140,9 @@ class ForgettingEvaluation:
         )
         accuracy = ZeroShotMetric()
         if zero_shot is None:
-            getter = getattr(self.datamodule, "evaluation_texts", None)
-            module.strategy.on_evaluation_start(module, list(getter(self.stage)) if callable(getter) else [])
+            data = self.datamodule
+            texts = list(data.evaluation_texts(self.stage)) if isinstance(data, RetrievalData) else []
+            module.strategy.on_evaluation_start(module, texts)
         batches = 0
         with _evaluation_mode(module):
             for index, loader in enumerate(self._loaders()):

@@ -111,9 +111,10 @@ class BenchmarkRecorder(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Count parameters once the strategy has adapted the towers."""
         self._fit_start = time.perf_counter()
-        report = getattr(pl_module, "parameter_report", None)
-        if callable(report):
-            self.parameters = report()
+        from pefttune.module import DualEncoderModule
+
+        if isinstance(pl_module, DualEncoderModule):
+            self.parameters = pl_module.parameter_report()
         else:
             self.parameters = {
                 "total_params": sum(p.numel() for p in pl_module.parameters()),
@@ -207,7 +208,9 @@ class BenchmarkRecorder(Callback):
         return self.path.with_name(self.path.stem + ".ranks.npz")
 
     def _save_query_ranks(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        metric = getattr(pl_module, "test_retrieval", None)
+        from pefttune.module import DualEncoderModule
+
+        metric = pl_module.test_retrieval if isinstance(pl_module, DualEncoderModule) else None
         queries = metric.last_queries if isinstance(metric, RetrievalMetrics) else None
         if queries is None or trainer.global_rank != 0:
             return

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
@@ -65,6 +66,19 @@ _EVAL_ROLE: dict[str, Role] = {
 }
 
 
+def _plain_sources(hparams: dict[str, Any]) -> None:
+    """Replace Source objects in saved hyperparameters by plain data naming their class and contents.
+
+    Checkpoints store the data module's hyperparameters, and Lightning loads checkpoints with torch's
+    ``weights_only`` unpickler, which refuses arbitrary objects: a Source given in Python (the CLI records
+    ``class_path``/``init_args`` dicts instead) would make every checkpoint of the run unloadable.
+    """
+    for name, value in hparams.items():
+        if isinstance(value, Source):
+            class_path = f"{type(value).__module__}.{type(value).__qualname__}"
+            hparams[name] = {"class_path": class_path, "describe": value.describe()}
+
+
 class ImageTextDataModule(LightningDataModule):
     """Items with captions from a source per split: synthetic scenes, annotation files, shards, videos.
 
@@ -103,7 +117,8 @@ class ImageTextDataModule(LightningDataModule):
         eval_batch_size: Evaluation batch size in items (each brings its captions); None means ``batch_size``.
         num_workers: DataLoader worker processes.
         persistent_workers: Keep workers alive between epochs (only with ``num_workers > 0``).
-        pin_memory: Pin batches in page-locked memory (faster host-to-GPU copies).
+        pin_memory: Pin batches in page-locked memory (faster host-to-GPU copies). ``None`` (default): on
+            when CUDA is available (``torch.cuda.is_available()``), off otherwise, where pinning only costs.
         drop_last: Drop the last incomplete training batch; contrastive losses want full batches.
         captions_per_image: ``"all"``: one training pair per caption (CLIP4Clip's
             ``--expand_msrvtt_sentences``). ``"sample"``: one pair per item per epoch with a caption drawn
@@ -154,7 +169,7 @@ class ImageTextDataModule(LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         persistent_workers: bool = True,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         drop_last: bool = True,
         captions_per_image: Literal["all", "sample"] = "all",
         eval_captions: Literal["all", "one"] = "all",
@@ -194,6 +209,7 @@ class ImageTextDataModule(LightningDataModule):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.save_hyperparameters(logger=False)
+        _plain_sources(self.hparams)
         legacy = {
             name: value for name, value in locals().items() if name in LEGACY_OPTIONS and value is not None
         }
@@ -462,7 +478,7 @@ class ImageTextDataModule(LightningDataModule):
         return {
             "num_workers": self.num_workers,
             "persistent_workers": self.persistent_workers and self.num_workers > 0,
-            "pin_memory": self.pin_memory,
+            "pin_memory": self.pin_memory if self.pin_memory is not None else torch.cuda.is_available(),
         }
 
     def train_dataloader(self) -> DataLoader:

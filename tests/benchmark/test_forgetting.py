@@ -23,28 +23,40 @@ from pefttune.testing import tiny_bert, tiny_tower_config, tiny_vit
 RETRIEVAL = {
     "class_path": "pefttune.data.ImageTextDataModule",
     "init_args": {
-        "source": "synthetic",
+        "source": {
+            "class_path": "pefttune.data.sources.Synthetic",
+            "init_args": {"num_train": 8, "num_val": 4, "num_test": 6, "image_size": 32, "seed": 5},
+        },
         "batch_size": 8,
-        "synthetic_train": 8,
-        "synthetic_val": 4,
-        "synthetic_test": 6,
-        "synthetic_image_size": 32,
         "seed": 5,
     },
 }
 CLASSIFICATION = {
     "class_path": "pefttune.data.classification.ClassificationDataModule",
     "init_args": {
-        "source": "synthetic",
+        "source": {
+            "class_path": "pefttune.data.sources.Synthetic",
+            "init_args": {
+                "num_train": 256,
+                "num_val": 16,
+                "num_test": 32,
+                "image_size": 32,
+                "held_out_fraction": 0.0,
+            },
+        },
         "split_classes": "base_to_new",
         "shots": 1,
         "batch_size": 16,
-        "synthetic_train": 256,
-        "synthetic_val": 16,
-        "synthetic_test": 32,
-        "synthetic_image_size": 32,
     },
 }
+
+
+def _with_source(data: dict, module_seed: int | None = None, **source_args: object) -> dict:
+    """A copy of a data section with some of its synthetic source's arguments (and its seed) replaced."""
+    source = data["init_args"]["source"]
+    source = {**source, "init_args": {**source["init_args"], **source_args}}
+    seed = {} if module_seed is None else {"seed": module_seed}
+    return {**data, "init_args": {**data["init_args"], "source": source, **seed}}
 
 
 def _config(tmp_path: Path, data: dict, name: str) -> Path:
@@ -113,10 +125,10 @@ def test_tiny_sweep_records_ranks_and_forgetting_end_to_end(tmp_path: Path) -> N
                 "strategy": {"class_path": "pefttune.strategies.full.FullFineTune"},
             },
         },
-        "data": RETRIEVAL | {"init_args": {**RETRIEVAL["init_args"], "seed": 0}},
+        "data": _with_source(RETRIEVAL, seed=0, module_seed=0),
     }
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
-    second = dict(CLASSIFICATION, init_args={**CLASSIFICATION["init_args"], "synthetic_test": 16})
+    second = _with_source(CLASSIFICATION, num_test=16)
     _config(tmp_path, second, "second")
     suite = {
         "name": "tiny",

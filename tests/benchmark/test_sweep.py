@@ -23,7 +23,7 @@ TINY_CONFIG = {
     },
     "data": {
         "class_path": "pefttune.data.ImageTextDataModule",
-        "init_args": {"source": "synthetic", "batch_size": 8},
+        "init_args": {"source": {"class_path": "pefttune.data.sources.Synthetic"}, "batch_size": 8},
     },
 }
 
@@ -38,10 +38,11 @@ def _suite(tmp: Path) -> Path:
             "trainer.max_steps": 2,
             "trainer.enable_progress_bar": False,
             "trainer.enable_model_summary": False,
-            "data.init_args.synthetic_train": 16,
-            "data.init_args.synthetic_val": 8,
-            "data.init_args.synthetic_test": 8,
-            "data.init_args.synthetic_image_size": 32,
+            "data.init_args.source.init_args.num_train": 16,
+            "data.init_args.source.init_args.num_val": 8,
+            "data.init_args.source.init_args.num_test": 8,
+            "data.init_args.source.init_args.image_size": 32,
+            "data.init_args.source.init_args.seed": "{seed}",
             "data.init_args.seed": "{seed}",
         },
         "datasets": {"synthetic": {}},

@@ -324,3 +324,27 @@ def test_every_source_is_selectable_by_class_path(class_name, init_args):
     assert type(data.sources["train"]) is getattr(sources, class_name)
     assert data.sources["train"] is data.sources["val"] is data.sources["test"]
     assert data.num_frames == 12
+
+
+@pytest.mark.parametrize(
+    ("pin_memory", "cuda", "expected"),
+    [(None, True, True), (None, False, False), (False, True, False), (True, False, True)],
+)
+def test_pin_memory_defaults_to_cuda_availability(preprocessing, monkeypatch, pin_memory, cuda, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    dm = small_synthetic(pin_memory=pin_memory)
+    dm.attach_preprocessing(preprocessing)
+    dm.setup("fit")
+    assert dm.train_dataloader().pin_memory is expected
+    assert dm.val_dataloader().pin_memory is expected
+
+
+def test_source_objects_are_saved_as_plain_hyperparameters(tmp_path):
+    # Checkpoints hold the data module's hyperparameters and load with torch's weights_only unpickler.
+    dm = small_synthetic()
+    assert dm.hparams["source"] == {
+        "class_path": "pefttune.data.sources.synthetic.Synthetic",
+        "describe": dm.sources["train"].describe(),
+    }
+    torch.save(dict(dm.hparams), tmp_path / "hparams.pt")
+    assert torch.load(tmp_path / "hparams.pt", weights_only=True)["source"] == dm.hparams["source"]

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 
 from pefttune.data import ImageTextDataModule
+from pefttune.data.sources import Synthetic
 from pefttune.module import DualEncoderModule
 from pefttune.strategies import FullFineTune, LiT
 from pefttune.strategies.apex import APEX
@@ -42,8 +43,13 @@ def build_model(name: str, seed: int = 0, pair: str | None = None, lr: float = 1
 
 
 def datamodule(**kwargs: object) -> ImageTextDataModule:
+    """The tiny synthetic data module; ``num_*``/``image_size`` go to the source, the rest to the module."""
+    sizes = {
+        key: kwargs.pop(key) for key in ("num_train", "num_val", "num_test", "image_size") if key in kwargs
+    }
     options: dict[str, object] = dict(
-        synthetic_train=16, synthetic_val=8, synthetic_test=8, synthetic_image_size=32, batch_size=4
+        source=Synthetic(**{"num_train": 16, "num_val": 8, "num_test": 8, "image_size": 32, **sizes}),
+        batch_size=4,
     )
     options.update(kwargs)
     return ImageTextDataModule(**options)
@@ -130,11 +136,10 @@ def cli_config(root, name: str = "duet", epochs: int = 3, callbacks: list | None
         "data": {
             "class_path": "pefttune.data.ImageTextDataModule",
             "init_args": {
-                "source": "synthetic",
-                "synthetic_train": 8,
-                "synthetic_val": 8,
-                "synthetic_test": 8,
-                "synthetic_image_size": 32,
+                "source": {
+                    "class_path": "pefttune.data.sources.Synthetic",
+                    "init_args": {"num_train": 8, "num_val": 8, "num_test": 8, "image_size": 32},
+                },
                 "batch_size": 4,
                 "max_train_samples": 8,
             },

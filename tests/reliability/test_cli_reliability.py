@@ -37,11 +37,10 @@ def _config(tmp_path, strategy=None, image_tower=None, **data):
         "data": {
             "class_path": "pefttune.data.ImageTextDataModule",
             "init_args": {
-                "source": "synthetic",
-                "synthetic_train": 8,
-                "synthetic_val": 8,
-                "synthetic_test": 7,
-                "synthetic_image_size": 32,
+                "source": {
+                    "class_path": "pefttune.data.sources.Synthetic",
+                    "init_args": {"num_train": 8, "num_val": 8, "num_test": 7, "image_size": 32},
+                },
                 "batch_size": 4,
                 "max_train_samples": 8,
                 **data,

@@ -33,14 +33,14 @@ def test_two_process_validation_equals_one_process_on_an_odd_set(tmp_path):
     # 7 images over 2 ranks: the distributed sampler repeats one; metrics must drop it by id.
     model = build_model("lora")
     torch.save(model.state_dict(), tmp_path / "weights.pt")
-    data = datamodule(synthetic_val=7, eval_batch_size=2)
+    data = datamodule(num_val=7, eval_batch_size=2)
     single = trainer().validate(model, datamodule=data, verbose=False)[0]
 
     distributed_model = build_model("lora")
     distributed_model.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))
     run = trainer(strategy="ddp_spawn", devices=2)
     distributed = run.validate(
-        distributed_model, datamodule=datamodule(synthetic_val=7, eval_batch_size=2), verbose=False
+        distributed_model, datamodule=datamodule(num_val=7, eval_batch_size=2), verbose=False
     )[0]
     assert single.keys() == distributed.keys() and single
     assert single == distributed

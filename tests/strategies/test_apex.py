@@ -458,15 +458,12 @@ def test_fit_builds_the_bank_from_the_data_module(tmp_path) -> None:
     from lightning.pytorch import Trainer
 
     from pefttune.data import ImageTextDataModule
+    from pefttune.data.sources import Synthetic
 
     module = build((tiny_vit(), tiny_bert()), bank_size=20)
     data = ImageTextDataModule(
-        source="synthetic",
+        source=Synthetic(num_train=8, num_val=4, num_test=4, image_size=32),
         batch_size=8,
-        synthetic_train=8,
-        synthetic_val=4,
-        synthetic_test=4,
-        synthetic_image_size=32,
         test_split=None,
     )
     trainer = Trainer(
@@ -497,6 +494,7 @@ def test_base_to_new_classification_uses_the_same_hooks(tmp_path, monkeypatch) -
     from lightning.pytorch import Trainer
 
     from pefttune.data.classification import ClassificationDataModule
+    from pefttune.data.sources import Synthetic
     from pefttune.losses import MultiPositiveInfoNCELoss
 
     image_tower, text_tower = tiny_vit(), mean_bert()
@@ -504,14 +502,10 @@ def test_base_to_new_classification_uses_the_same_hooks(tmp_path, monkeypatch) -
     strategy = APEX(ensemble_threshold=1e-3)
     module = DualEncoderModule(image_tower, text_tower, strategy=strategy, loss=MultiPositiveInfoNCELoss())
     data = ClassificationDataModule(
-        source="synthetic",
+        source=Synthetic(num_train=256, num_val=16, num_test=64, image_size=32, held_out_fraction=0.0),
         split_classes="base_to_new",
         shots=1,
         batch_size=6,
-        synthetic_train=256,
-        synthetic_val=16,
-        synthetic_test=64,
-        synthetic_image_size=32,
     )
     image_alpha: list[float] = []
     original = strategy.on_evaluation_start

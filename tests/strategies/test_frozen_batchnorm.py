@@ -16,6 +16,7 @@ from lightning.pytorch.plugins import TorchSyncBatchNorm
 from torch import nn
 
 from pefttune.data import ImageTextDataModule
+from pefttune.data.sources import Synthetic
 from pefttune.layers.frozen_batchnorm import (
     FROZEN_BATCHNORM_RECORD,
     freeze_batchnorm_statistics,
@@ -153,7 +154,7 @@ def test_ddp_fit_with_sync_batchnorm_keeps_statistics_frozen(tmp_path):
     original_norms = _norms(module.image_tower.model)
     before = _running_statistics(module)
     datamodule = ImageTextDataModule(
-        synthetic_train=16, synthetic_val=8, synthetic_test=8, synthetic_image_size=32, batch_size=8
+        source=Synthetic(num_train=16, num_val=8, num_test=8, image_size=32), batch_size=8
     )
     trainer = _trainer(
         strategy="ddp",

@@ -10,6 +10,8 @@ from lightning.pytorch import Trainer
 from torch import nn
 
 from pefttune.data import ImageTextDataModule
+from pefttune.data.contracts import ClassificationData
+from pefttune.data.sources import Synthetic
 from pefttune.module import DualEncoderModule, training_texts
 from pefttune.strategies import CrossModalAdapter, DueT, FullFineTune
 from pefttune.strategies.base import AdaptationStrategy, DualEncoder, SizedImageTower, TrainingTexts
@@ -66,12 +68,8 @@ class _TextRecorder(_Recorder):
 def _fit_one_step(strategy: AdaptationStrategy) -> tuple[DualEncoderModule, ImageTextDataModule]:
     model = DualEncoderModule(tiny_vit(), tiny_bert(), strategy)
     data = ImageTextDataModule(
-        source="synthetic",
+        source=Synthetic(num_train=4, num_val=4, num_test=4, image_size=32),
         batch_size=4,
-        synthetic_train=4,
-        synthetic_val=4,
-        synthetic_test=4,
-        synthetic_image_size=32,
     )
     trainer = Trainer(
         max_steps=1,
@@ -105,24 +103,48 @@ def test_an_override_with_the_old_fit_hook_signature_is_refused_when_defined() -
 
 
 class _Texts:
+    """A retrieval data module as the model sees it (RetrievalData)."""
+
+    eval_captions = "all"
+
+    def attach_preprocessing(self, preprocessing: object) -> None:
+        pass
+
+    def evaluation_texts(self, stage: str) -> list[str]:
+        return []
+
     def training_texts(self) -> list[str]:
         return ["a cat", "a dog"]
 
 
 class _ClassPrompts(_Texts):
+    """A classification data module (ClassificationData)."""
+
     def evaluation_groups(self, stage: str) -> list[object]:
         return []
 
+    def set_prompt_prefix(self, prefix: str) -> None:
+        pass
 
-class _Streaming:
-    def records(self, role: str) -> list[object]:
-        raise RuntimeError(f"the {role} split streams from shards and has no record list")
+
+class _Streaming(_Texts):
+    def training_texts(self) -> list[str]:
+        raise RuntimeError("the train split streams from shards and has no record list")
+
+
+class _Undeclared:
+    """Has the method but does not implement the contract: not asked."""
+
+    def training_texts(self) -> list[str]:
+        return ["a cat"]
 
 
 def test_training_texts_come_from_the_declared_call_and_a_streamed_split_is_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     assert len(training_texts(None)) == 0
+    assert len(training_texts(_Undeclared())) == 0
+    assert isinstance(_ClassPrompts(), ClassificationData) and not isinstance(_Texts(), ClassificationData)
     assert training_texts(_Texts()) == TrainingTexts(("a cat", "a dog"), "captions")
     assert training_texts(_ClassPrompts()) == TrainingTexts(("a cat", "a dog"), "class_prompts")
     with caplog.at_level("WARNING"):

@@ -137,11 +137,11 @@ def test_fit_on_an_open_clip_checkpoint_file_by_changing_two_lines(tmp_path):
     config["data"] = {
         "class_path": "pefttune.data.ImageTextDataModule",
         "init_args": {
-            "source": "synthetic",
+            "source": {
+                "class_path": "pefttune.data.sources.Synthetic",
+                "init_args": {"num_train": 8, "num_val": 4, "num_test": 4},
+            },
             "batch_size": 4,
-            "synthetic_train": 8,
-            "synthetic_val": 4,
-            "synthetic_test": 4,
         },
     }
     config_path = tmp_path / "config.yaml"

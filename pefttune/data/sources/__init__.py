@@ -2,8 +2,9 @@
 
 Images: :class:`Synthetic` (generated, no files), :class:`Karpathy`, :class:`Coco`, :class:`Table`
 (CSV/TSV, JSON Lines, JSON list), :class:`WebDataset` (tar shards; also frames or clips), :class:`ImageFolder`
-(classification). Video: :class:`SyntheticVideos` (generated moving shapes, no files), :class:`MSRVTT` (videodatainfo JSON, CLIP4Clip split files), :class:`VideoTable`
-(CSV/JSONL of videos or frame folders), :class:`WebDataset`.
+(classification). Video: :class:`SyntheticVideos` (generated moving shapes, no files), :class:`MSRVTT`
+(videodatainfo JSON, CLIP4Clip split files), :class:`VideoTable` (CSV/JSONL of videos or frame folders),
+:class:`WebDataset`.
 """
 
 from pefttune.data.sources.base import Source, StreamingSource
