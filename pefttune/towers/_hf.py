@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 
+import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -103,6 +104,30 @@ class ClipLayoutEncoder(HFEncoder):
 
     def _discover_blocks(self) -> list[BlockInfo]:
         return clip_layout_blocks(self.model.encoder.layers, "model.encoder.layers", self.feature_width)
+
+
+class ClipLayoutVisionEncoder(ClipLayoutEncoder):
+    """A CLIP-layout vision encoder (CLIP, SigLIP) with ``none``/``crop_flip`` training augmentation.
+
+    Its features are the vision model's ``pooler_output`` (CLIP: the post-LayerNorm class token; SigLIP: the
+    attention-pooling head's output) and its tokens enter the blocks from ``model.embeddings``.
+    """
+
+    train_augmentation: str
+
+    @property
+    def train_transform_is_deterministic(self) -> bool:
+        """True without augmentation."""
+        return self.train_augmentation == "none"
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision model's pooled output [B, width]."""
+        return self.model(pixel_values=pixel_values).pooler_output
+
+    @property
+    def token_entry(self) -> nn.Module:
+        """The patch + position embedding module (its output enters the first block or pre-LayerNorm)."""
+        return self.model.embeddings
 
 
 class LazyTokenizer:

@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import os
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from pefttune.data.preprocessing import ImageTransform
-from pefttune.towers._hf import ClipLayoutEncoder, LazyTokenizer
+from pefttune.towers._hf import ClipLayoutEncoder, ClipLayoutVisionEncoder, LazyTokenizer
 from pefttune.towers.architectures import architecture_config
 from pefttune.towers.base import (
     ImageTower,
@@ -118,7 +118,33 @@ def _clip_config(name: str) -> CLIPConfig:
     return config
 
 
-class CLIPImageTower(ClipLayoutEncoder, ImageTower):
+HalfModel = TypeVar("HalfModel", CLIPVisionModelWithProjection, CLIPTextModelWithProjection)
+
+
+def _build_clip_half(half_class: type[HalfModel], name: str, loaded: bool) -> tuple[HalfModel, float]:
+    """One half of a ``CLIPModel`` (checkpoint or architecture-only) and the pair's pretrained logit scale.
+
+    Args:
+        half_class: ``CLIPVisionModelWithProjection`` or ``CLIPTextModelWithProjection``.
+        name: the Hub id, local directory or architecture name.
+        loaded: load the checkpoint's weights (else random weights from the architecture's config).
+
+    Returns:
+        The half (in eval mode when loaded, as ``from_pretrained`` returns it) and the scale (not its log).
+    """
+    with quiet_transformers():
+        if loaded:
+            half = half_class.from_pretrained(name)
+            init = _CLIP_LOGIT_SCALE_INIT  # only used when the checkpoint has no logit_scale
+        else:
+            config = _clip_config(name)
+            is_vision = half_class is CLIPVisionModelWithProjection
+            half = half_class(config.vision_config if is_vision else config.text_config)
+            init = config.logit_scale_init_value
+    return half, pretrained_logit_scale(name, loaded, init)
+
+
+class CLIPImageTower(ClipLayoutVisionEncoder, ImageTower):
     """The vision tower of a Hugging Face ``CLIPModel`` (CLS token -> post-LayerNorm -> visual projection).
 
     Args:
@@ -141,17 +167,11 @@ class CLIPImageTower(ClipLayoutEncoder, ImageTower):
         super().__init__()
         self.model_name = model_name
         loaded = weights_enabled(pretrained)
-        with quiet_transformers():
-            if loaded:
-                half = CLIPVisionModelWithProjection.from_pretrained(model_name)
-                init = _CLIP_LOGIT_SCALE_INIT  # only used when the checkpoint has no logit_scale
-            else:
-                config = _clip_config(model_name)
-                half = CLIPVisionModelWithProjection(config.vision_config)
-                init = config.logit_scale_init_value
+        half, self.pretrained_logit_scale = _build_clip_half(
+            CLIPVisionModelWithProjection, model_name, loaded
+        )
         self.model = half.vision_model.train()  # from_pretrained returns eval mode
         self.projection = half.visual_projection
-        self.pretrained_logit_scale = pretrained_logit_scale(model_name, loaded, init)
         self.image_size = int(half.config.image_size)
         self.train_augmentation = checked_crop_flip_augmentation(train_augmentation)
         self.crop_scale = checked_crop_scale(crop_scale)
@@ -172,20 +192,6 @@ class CLIPImageTower(ClipLayoutEncoder, ImageTower):
                 T.Normalize(CLIP_MEAN, CLIP_STD),
             ]
         )
-
-    @property
-    def train_transform_is_deterministic(self) -> bool:
-        """True without augmentation."""
-        return self.train_augmentation == "none"
-
-    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Post-LayerNorm CLS token [B, width]."""
-        return self.model(pixel_values=pixel_values).pooler_output
-
-    @property
-    def token_entry(self) -> nn.Module:
-        """The patch + position embedding module (its output enters ``pre_layrnorm``)."""
-        return self.model.embeddings
 
 
 class CLIPTextTower(ClipLayoutEncoder, LazyTokenizer, TextTower):
@@ -208,17 +214,11 @@ class CLIPTextTower(ClipLayoutEncoder, LazyTokenizer, TextTower):
         super().__init__(max_length=max_length)
         self.model_name = model_name
         self._pretrained = weights_enabled(pretrained)
-        with quiet_transformers():
-            if self._pretrained:
-                half = CLIPTextModelWithProjection.from_pretrained(model_name)
-                init = _CLIP_LOGIT_SCALE_INIT  # only used when the checkpoint has no logit_scale
-            else:
-                config = _clip_config(model_name)
-                half = CLIPTextModelWithProjection(config.text_config)
-                init = config.logit_scale_init_value
+        half, self.pretrained_logit_scale = _build_clip_half(
+            CLIPTextModelWithProjection, model_name, self._pretrained
+        )
         self.model = half.text_model.train()  # from_pretrained returns eval mode
         self.projection = half.text_projection
-        self.pretrained_logit_scale = pretrained_logit_scale(model_name, self._pretrained, init)
         self.tokenizer_name = model_name  # CLIP's BPE tokenizer ships with the checkpoint
         if gradient_checkpointing:
             self.set_gradient_checkpointing(True)

@@ -25,7 +25,7 @@ from transformers import SiglipConfig, SiglipTextModel, SiglipVisionModel
 
 from pefttune.data.preprocessing import ImageTransform
 from pefttune.losses import ContrastiveLoss, SigLIPLoss
-from pefttune.towers._hf import ClipLayoutEncoder, LazyTokenizer
+from pefttune.towers._hf import ClipLayoutEncoder, ClipLayoutVisionEncoder, LazyTokenizer
 from pefttune.towers.architectures import architecture_config
 from pefttune.towers.base import (
     ImageTower,
@@ -68,7 +68,7 @@ def _carry_scale_and_bias(tower: Tower, name: str, loaded: bool) -> None:
     tower.pretrained_logit_bias = bias
 
 
-class SiglipImageTower(ClipLayoutEncoder, ImageTower):
+class SiglipImageTower(ClipLayoutVisionEncoder, ImageTower):
     """The vision tower of a Hugging Face ``SiglipModel`` (attention-pooled features, no projection).
 
     Args:
@@ -123,20 +123,6 @@ class SiglipImageTower(ClipLayoutEncoder, ImageTower):
                 T.Normalize(SIGLIP_MEAN, SIGLIP_STD),
             ]
         )
-
-    @property
-    def train_transform_is_deterministic(self) -> bool:
-        """True without augmentation."""
-        return self.train_augmentation == "none"
-
-    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The attention-pooling head's output [B, width]."""
-        return self.model(pixel_values=pixel_values).pooler_output
-
-    @property
-    def token_entry(self) -> nn.Module:
-        """The patch + position embedding module (its output enters the first block)."""
-        return self.model.embeddings
 
 
 class SiglipTextTower(ClipLayoutEncoder, LazyTokenizer, TextTower):
