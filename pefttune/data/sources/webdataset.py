@@ -42,10 +42,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pefttune.data.epoch import SharedEpoch
 from pefttune.data.records import (
     DataFormatError,
     ErrorPolicy,
@@ -389,7 +389,7 @@ def _worker_items(shards: Sequence[Sequence[int]], readers: int) -> list[int]:
     return [sum(samples[w::readers]) for w in range(readers)]
 
 
-class WebDatasetStream(IterableDataset):
+class WebDatasetStream(SharedEpoch, IterableDataset):
     """Training items streamed from shards through the ``webdataset`` pipeline (one pass per epoch).
 
     Pipeline per DataLoader worker: the shard list (:class:`webdataset.SimpleShardList`) -> this rank's shards
@@ -451,7 +451,7 @@ class WebDatasetStream(IterableDataset):
         self.rank = rank
         self.world_size = max(1, world_size)
         self.quotas = self._quotas(report if report is not None else SkipReport(), max_items)
-        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+        self._init_shared_epoch()  # seeds shard order, shuffle buffer and caption draw
 
     def _quotas(self, report: SkipReport, max_items: int | None) -> list[int]:
         """Items each worker of this rank yields per epoch; the same number of batches on every rank.
@@ -501,15 +501,6 @@ class WebDatasetStream(IterableDataset):
                 f"{size} with {readers} worker(s); lower batch_size or num_workers"
             )
         return [batches * size for batches in mine]
-
-    @property
-    def epoch(self) -> int:
-        """The epoch that seeds shard order, buffer and caption draw."""
-        return int(self._epoch[0])
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch (the data loader calls this in the main process before each pass)."""
-        self._epoch[0] = int(epoch)
 
     def __len__(self) -> int:
         return sum(self.quotas)
