@@ -265,6 +265,27 @@ def sample_to_record(
     )
 
 
+def sample_to_valid_record(
+    url: str, key: str, files: dict[str, Any], *, split: str, policy: ErrorPolicy
+) -> ImageCaptionRecord | None:
+    """:func:`sample_to_record`, then the record's captions validated (skips reported through ``policy``).
+
+    Counting the training items and streaming them must keep exactly the same samples, so both call this.
+
+    Returns:
+        The valid record, or None if the sample or all its captions were skipped.
+    """
+    record = sample_to_record(url, key, files, split=split, policy=policy)
+    valid = validate_records(
+        [record] if record is not None else [],
+        source=url,
+        on_error=policy.on_error,
+        report=policy.report,
+        check_files=False,
+    )
+    return valid[0] if valid else None
+
+
 class WebDataset(StreamingSource):
     """WebDataset tar shards (see the module docstring for the sample layout, streaming and epoch length).
 
@@ -355,16 +376,9 @@ class WebDataset(StreamingSource):
             for url in urls:
                 shard = []
                 for sample_key, files in index_shard(url, policy):
-                    record = sample_to_record(url, sample_key, files, split=split, policy=policy)
-                    valid = validate_records(
-                        [record] if record is not None else [],
-                        source=url,
-                        on_error=policy.on_error,
-                        report=policy.report,
-                        check_files=False,
-                    )
+                    record = sample_to_valid_record(url, sample_key, files, split=split, policy=policy)
                     shard.append(
-                        0 if not valid else len(valid[0].captions) if captions_per_image == "all" else 1
+                        0 if record is None else len(record.captions) if captions_per_image == "all" else 1
                     )
                 counts.append(shard)
             self._counts[key] = counts
@@ -556,20 +570,13 @@ class WebDatasetStream(SharedEpoch, IterableDataset):
                 for sample in samples:
                     url, key = sample.get("__url__", "?"), sample["__key__"]
                     files = {ext: value for ext, value in sample.items() if not ext.startswith("__")}
-                    record = sample_to_record(url, key, files, split=self.split, policy=policy)
-                    valid = validate_records(
-                        [record] if record is not None else [],
-                        source=url,
-                        on_error=policy.on_error,
-                        report=policy.report,
-                        check_files=False,
-                    )
-                    if not valid:
+                    record = sample_to_valid_record(url, key, files, split=self.split, policy=policy)
+                    if record is None:
                         continue
-                    count = len(valid[0].captions)
+                    count = len(record.captions)
                     chosen = range(count) if self.captions_per_image == "all" else [rng.randrange(count)]
                     for position in chosen:
-                        yield valid[0], position
+                        yield record, position
 
             buffer = max(1, self.shuffle_buffer)
             return iter(
