@@ -114,6 +114,16 @@ def machine_line() -> str:
     )
 
 
+#: Trainer options of a timing run: training steps only (no checkpoints, progress bar, summary or validation).
+TRAINING_ONLY = {
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,
+}
+
+
 class TrainingSide:
     """One side of an A/B training comparison: a model and optimizer trained epoch by epoch, timed.
 
