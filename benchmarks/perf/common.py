@@ -174,3 +174,19 @@ class TrainingSide:
         self.epochs.append(time.perf_counter() - start)
         self.waits.append(wait)
         self.rng = torch.get_rng_state()
+
+
+def print_epoch_table(sides: dict, digits: int) -> None:
+    """A Markdown table of each side's epoch times, median epoch after the first, and loader waits.
+
+    Args:
+        sides: ``{row name: TrainingSide}``, in row order.
+        digits: decimals of the per-epoch times and waits.
+    """
+    print()
+    print("| run | epoch times (s) | median epoch after the first (s) | waiting for data (s per epoch) |")
+    print("|---|---|---|---|")
+    for name, side in sides.items():
+        epochs = ", ".join(f"{t:.{digits}f}" for t in side.epochs)
+        waits = ", ".join(f"{t:.{digits}f}" for t in side.waits)
+        print(f"| {name} | {epochs} | {median(side.epochs[1:]):.2f} | {waits} |")

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, TrainingSide, machine_line, make_optimizer, median, method_config
+from common import REPO, TrainingSide, machine_line, make_optimizer, median, method_config, print_epoch_table
 
 
 def generated_dataset(folder: Path, count: int) -> dict:
@@ -139,13 +139,7 @@ def main() -> None:
             plain.load_only()
             cached.load_only()
         cache = cached.loader.dataset.image_cache
-    print()
-    print("| run | epoch times (s) | median epoch after the first (s) | waiting for data (s per epoch) |")
-    print("|---|---|---|---|")
-    for name, side in (("decode every epoch", plain), ("decoded-image cache", cached)):
-        epochs = ", ".join(f"{t:.2f}" for t in side.epochs)
-        waits = ", ".join(f"{t:.2f}" for t in side.waits)
-        print(f"| {name} | {epochs} | {median(side.epochs[1:]):.2f} | {waits} |")
+    print_epoch_table({"decode every epoch": plain, "decoded-image cache": cached}, digits=2)
     later = median(plain.epochs[1:]) / median(cached.epochs[1:])
     print(f"speed-up of training epochs after the first: {later:.2f}x (target >= 1.5x)")
     print(

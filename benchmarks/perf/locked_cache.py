@@ -29,7 +29,7 @@ import argparse
 import sys
 import time
 
-from common import REPO, TrainingSide, build_model, machine_line, make_optimizer, median
+from common import REPO, TrainingSide, build_model, machine_line, make_optimizer, median, print_epoch_table
 
 
 class Side(TrainingSide):
@@ -93,13 +93,7 @@ def main() -> None:
     for _ in range(args.epochs):
         plain.epoch()
         cached.epoch()
-    print()
-    print("| run | epoch times (s) | median epoch after the first (s) | waiting for data (s per epoch) |")
-    print("|---|---|---|---|")
-    for name, side in (("recompute", plain), ("cache", cached)):
-        epochs = ", ".join(f"{t:.1f}" for t in side.epochs)
-        waits = ", ".join(f"{t:.1f}" for t in side.waits)
-        print(f"| {name} | {epochs} | {median(side.epochs[1:]):.2f} | {waits} |")
+    print_epoch_table({"recompute": plain, "cache": cached}, digits=1)
     later = median(plain.epochs[1:]) / median(cached.epochs[1:])
     total = sum(plain.epochs) / sum(cached.epochs)
     wait_share = sum(cached.waits[1:]) / sum(cached.epochs[1:])
