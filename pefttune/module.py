@@ -667,14 +667,7 @@ class DualEncoderModule(LightningModule):
         if "labels" in batch:
             self._zero_shot_evaluation().update(self, batch, dataloader_idx, zero_shot)
             return
-        image_embeds, text_embeds = self.evaluation_embeddings(batch)
-        retrieval.update(
-            image_embeds.float(),
-            batch["image_ids"],
-            text_embeds.float(),
-            batch["caption_ids"],
-            batch["caption_image_ids"],
-        )
+        retrieval.update_from_batch(batch, *self.evaluation_embeddings(batch))
 
     def validation_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0

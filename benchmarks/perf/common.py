@@ -7,6 +7,7 @@ import platform
 import resource
 import statistics
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -119,3 +120,81 @@ def machine_line() -> str:
         f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} "
         f"threads, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
     )
+
+
+#: Trainer options of a timing run: training steps only (no checkpoints, progress bar, summary or validation).
+TRAINING_ONLY = {
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,
+}
+
+
+class TrainingSide:
+    """One side of an A/B training comparison: a model and optimizer trained epoch by epoch, timed.
+
+    Each side keeps its own random-number stream (dropout, augmentation), restored before and saved after
+    each of its epochs, so alternating the two sides' epochs changes neither side's numbers. Per epoch it
+    records the wall time (``epochs``), the part of it spent waiting for the data loader (``waits``) and each
+    step's loss (``losses``). A subclass builds the model and data, then calls ``TrainingSide.__init__`` and
+    provides :meth:`batches`.
+    """
+
+    def __init__(self, model, optimizer) -> None:
+        import torch
+
+        self.model = model
+        self.optimizer = optimizer
+        self.epochs: list[float] = []
+        self.waits: list[float] = []
+        self.losses: list[float] = []
+        self.steps = 0
+        torch.manual_seed(0)
+        self.rng = torch.get_rng_state()
+
+    def batches(self):
+        """The training batches of one epoch (a data loader)."""
+        raise NotImplementedError
+
+    def inspect_batch(self, batch) -> None:
+        """Called with each batch before its step (timed as part of the step); records nothing by default."""
+
+    def epoch(self) -> None:
+        """One epoch of training steps (``training_step``, backward, optimizer step)."""
+        import torch
+
+        torch.set_rng_state(self.rng)
+        start = mark = time.perf_counter()
+        wait = 0.0
+        for batch in self.batches():
+            # From the end of the previous step to here: the loader producing this batch.
+            wait += time.perf_counter() - mark
+            self.inspect_batch(batch)
+            loss = self.model.training_step(batch, self.steps)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.losses.append(float(loss.detach()))
+            self.steps += 1
+            mark = time.perf_counter()
+        self.epochs.append(time.perf_counter() - start)
+        self.waits.append(wait)
+        self.rng = torch.get_rng_state()
+
+
+def print_epoch_table(sides: dict, digits: int) -> None:
+    """A Markdown table of each side's epoch times, median epoch after the first, and loader waits.
+
+    Args:
+        sides: ``{row name: TrainingSide}``, in row order.
+        digits: decimals of the per-epoch times and waits.
+    """
+    print()
+    print("| run | epoch times (s) | median epoch after the first (s) | waiting for data (s per epoch) |")
+    print("|---|---|---|---|")
+    for name, side in sides.items():
+        epochs = ", ".join(f"{t:.{digits}f}" for t in side.epochs)
+        waits = ", ".join(f"{t:.{digits}f}" for t in side.waits)
+        print(f"| {name} | {epochs} | {median(side.epochs[1:]):.2f} | {waits} |")

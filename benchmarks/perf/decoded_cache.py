@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, machine_line, make_optimizer, median, method_config
+from common import REPO, TrainingSide, machine_line, make_optimizer, median, method_config, print_epoch_table
 
 
 def generated_dataset(folder: Path, count: int) -> dict:
@@ -49,7 +49,7 @@ def generated_dataset(folder: Path, count: int) -> dict:
     return {"path": str(folder / "captions.json"), "image_root": str(folder / "images")}
 
 
-class Side:
+class Side(TrainingSide):
     """One training: its model, optimizer and data module, and what was measured."""
 
     def __init__(self, args: argparse.Namespace, data_options: dict, cache_dir: str | None) -> None:
@@ -65,9 +65,8 @@ class Side:
             overrides += [f"--model.init_args.{k}={json.dumps(v)}" for k, v in tiny_tower_config().items()]
         else:
             overrides.append(f"--model.init_args.image_tower.init_args.image_size={args.image_size}")
-        self.model = build_model_from_config(str(REPO / method_config(args.method)), overrides)
-        self.model.train()
-        self.optimizer = make_optimizer(self.model)
+        model = build_model_from_config(str(REPO / method_config(args.method)), overrides)
+        model.train()
         self.data = ImageTextDataModule(
             source=Karpathy(**data_options),
             batch_size=args.batch_size,
@@ -77,33 +76,19 @@ class Side:
             seed=0,
             image_cache_dir=cache_dir,
         )
-        self.data.attach_preprocessing(self.model.preprocessing)
+        self.data.attach_preprocessing(model.preprocessing)
         self.data.setup("fit")
         self.loader = self.data.train_dataloader()
-        self.epochs: list[float] = []
-        self.waits: list[float] = []
         self.loading: list[float] = []
         self.checksums: list[float] = []
-        torch.manual_seed(0)
-        self.rng = torch.get_rng_state()
+        super().__init__(model, make_optimizer(model))
 
-    def epoch(self) -> None:
-        import torch
+    def batches(self):
+        return self.loader
 
-        torch.set_rng_state(self.rng)
-        start = mark = time.perf_counter()
-        wait = 0.0
-        for step, batch in enumerate(self.loader):
-            wait += time.perf_counter() - mark
-            self.checksums.append(float(batch["pixel_values"].double().sum()))
-            loss = self.model.training_step(batch, step)
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            mark = time.perf_counter()
-        self.epochs.append(time.perf_counter() - start)
-        self.waits.append(wait)
-        self.rng = torch.get_rng_state()
+    def inspect_batch(self, batch) -> None:
+        """Checksum the pixels: both sides must train on the same images."""
+        self.checksums.append(float(batch["pixel_values"].double().sum()))
 
     def load_only(self) -> None:
         start = time.perf_counter()
@@ -154,13 +139,7 @@ def main() -> None:
             plain.load_only()
             cached.load_only()
         cache = cached.loader.dataset.image_cache
-    print()
-    print("| run | epoch times (s) | median epoch after the first (s) | waiting for data (s per epoch) |")
-    print("|---|---|---|---|")
-    for name, side in (("decode every epoch", plain), ("decoded-image cache", cached)):
-        epochs = ", ".join(f"{t:.2f}" for t in side.epochs)
-        waits = ", ".join(f"{t:.2f}" for t in side.waits)
-        print(f"| {name} | {epochs} | {median(side.epochs[1:]):.2f} | {waits} |")
+    print_epoch_table({"decode every epoch": plain, "decoded-image cache": cached}, digits=2)
     later = median(plain.epochs[1:]) / median(cached.epochs[1:])
     print(f"speed-up of training epochs after the first: {later:.2f}x (target >= 1.5x)")
     print(

@@ -34,7 +34,7 @@ import math
 import tempfile
 import time
 
-from common import build_model, machine_line, make_optimizer, median, training_batches
+from common import TRAINING_ONLY, build_model, machine_line, make_optimizer, median, training_batches
 
 
 def _loader(batches, steps):
@@ -66,11 +66,7 @@ def lightning_block(model, batches, steps, log_every, root):
         max_epochs=1,
         logger=TensorBoardLogger(root, name="overhead"),
         log_every_n_steps=log_every,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+        **TRAINING_ONLY,
         callbacks=[Timer()],
     )
     trainer.fit(model, train_dataloaders=_loader(batches, steps))

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from common import REPO, machine_line, method_config, method_names
+from common import REPO, TRAINING_ONLY, machine_line, method_config, method_names
 
 CLIP = "openai/clip-vit-base-patch16"
 
@@ -117,11 +117,7 @@ def run_method(args: argparse.Namespace) -> dict:
         precision="bf16-mixed",
         max_steps=args.warmup + args.steps,
         logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+        **TRAINING_ONLY,
         callbacks=[Timer()],
     )
     trainer.fit(model, train_dataloaders=_loader(_batches(args.batch_size, args.warmup + args.steps, vocab)))

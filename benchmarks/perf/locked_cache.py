@@ -29,10 +29,10 @@ import argparse
 import sys
 import time
 
-from common import REPO, build_model, machine_line, make_optimizer, median
+from common import REPO, TrainingSide, build_model, machine_line, make_optimizer, median, print_epoch_table
 
 
-class Side:
+class Side(TrainingSide):
     """One of the two trainings: its model, optimizer, data loader and what was measured."""
 
     def __init__(self, args: argparse.Namespace, cache: bool) -> None:
@@ -42,44 +42,20 @@ class Side:
         from pefttune.data.sources import Synthetic
 
         torch.manual_seed(0)
-        self.model = build_model("configs/lit.yaml", args.image_size)
-        self.model.cache_locked_image_features = cache
-        assert self.model._can_cache_image_features() == cache, "LiT's image tower should be cacheable"
-        self.optimizer = make_optimizer(self.model)
-        self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        model = build_model("configs/lit.yaml", args.image_size)
+        model.cache_locked_image_features = cache
+        assert model._can_cache_image_features() == cache, "LiT's image tower should be cacheable"
+        optimizer = make_optimizer(model)
+        self.initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         self.data = ImageTextDataModule(
             source=Synthetic(num_train=args.train_images, seed=0), batch_size=args.batch_size, seed=0
         )
-        self.data.attach_preprocessing(self.model.preprocessing)
+        self.data.attach_preprocessing(model.preprocessing)
         self.data.setup("fit")
-        self.epochs: list[float] = []
-        self.waits: list[float] = []
-        self.losses: list[float] = []
-        self.steps = 0
-        # Each side draws its own random numbers (dropout), so alternating epochs changes nothing.
-        torch.manual_seed(0)
-        self.rng = torch.get_rng_state()
+        super().__init__(model, optimizer)
 
-    def epoch(self) -> None:
-        """One epoch of LiT training steps (``training_step``, backward, optimizer step)."""
-        import torch
-
-        torch.set_rng_state(self.rng)
-        start = mark = time.perf_counter()
-        wait = 0.0
-        for batch in self.data.train_dataloader():
-            # From the end of the previous step to here: the loader producing this batch.
-            wait += time.perf_counter() - mark
-            loss = self.model.training_step(batch, self.steps)
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.losses.append(float(loss.detach()))
-            self.steps += 1
-            mark = time.perf_counter()
-        self.epochs.append(time.perf_counter() - start)
-        self.waits.append(wait)
-        self.rng = torch.get_rng_state()
+    def batches(self):
+        return self.data.train_dataloader()
 
     def time_image_encoding(self) -> float:
         """Seconds the locked image tower takes to encode one epoch's images, batch by batch."""
@@ -118,13 +94,7 @@ def main() -> None:
     for _ in range(args.epochs):
         plain.epoch()
         cached.epoch()
-    print()
-    print("| run | epoch times (s) | median epoch after the first (s) | waiting for data (s per epoch) |")
-    print("|---|---|---|---|")
-    for name, side in (("recompute", plain), ("cache", cached)):
-        epochs = ", ".join(f"{t:.1f}" for t in side.epochs)
-        waits = ", ".join(f"{t:.1f}" for t in side.waits)
-        print(f"| {name} | {epochs} | {median(side.epochs[1:]):.2f} | {waits} |")
+    print_epoch_table({"recompute": plain, "cache": cached}, digits=1)
     later = median(plain.epochs[1:]) / median(cached.epochs[1:])
     total = sum(plain.epochs) / sum(cached.epochs)
     wait_share = sum(cached.waits[1:]) / sum(cached.epochs[1:])

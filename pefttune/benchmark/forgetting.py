@@ -156,14 +156,7 @@ class ForgettingEvaluation:
                             )
                         zero_shot.update(module, batch, index, accuracy)
                         continue
-                    images, texts = module.evaluation_embeddings(batch)
-                    retrieval.update(
-                        images.float(),
-                        batch["image_ids"],
-                        texts.float(),
-                        batch["caption_ids"],
-                        batch["caption_image_ids"],
-                    )
+                    retrieval.update_from_batch(batch, *module.evaluation_embeddings(batch))
         if batches == 0:
             raise RuntimeError(f"the forgetting data module yielded no {self.stage} batch")
         results: dict[str, float] = {}

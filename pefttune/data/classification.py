@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pefttune.data.datamodule import ImageTextDataModule, Role
 from pefttune.data.datasets import EpochDataLoader, TrainCollate, load_image
+from pefttune.data.epoch import SharedEpoch
 from pefttune.data.preprocessing import ImageTransform
 from pefttune.data.records import DataFormatError, ErrorPolicy, ImageCaptionRecord
 
@@ -200,7 +201,7 @@ class ClassGroup:
 # Datasets and collation
 
 
-class ClassificationTrainDataset(Dataset):
+class ClassificationTrainDataset(SharedEpoch, Dataset):
     """Training items: an image and one prompt of its class.
 
     Items are those of :class:`~pefttune.data.datasets.PairDataset` (so
@@ -230,12 +231,7 @@ class ClassificationTrainDataset(Dataset):
         self.prompts = [list(p) for p in prompts]
         self.transform = transform
         self.seed = seed
-        # Shared memory, so that persistent DataLoader workers see the epoch set in the main process.
-        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch of the template draw."""
-        self._epoch[0] = int(epoch)
+        self._init_shared_epoch()  # the prompt-template draw's epoch, seen by persistent workers too
 
     def __len__(self) -> int:
         return len(self.records)
@@ -245,9 +241,7 @@ class ClassificationTrainDataset(Dataset):
         templates = self.prompts[label]
         choice = 0
         if len(templates) > 1:
-            choice = int(
-                np.random.default_rng([self.seed, int(self._epoch[0]), index]).integers(len(templates))
-            )
+            choice = int(np.random.default_rng([self.seed, self.epoch, index]).integers(len(templates)))
         image = load_image(record.image, record=record.describe())
         return {
             "image": self.transform(image) if self.transform is not None else image,

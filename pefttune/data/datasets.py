@@ -47,6 +47,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from pefttune.data.cache import SharedIdSet
+from pefttune.data.epoch import SharedEpoch
 from pefttune.data.preprocessing import ImageTransform, Tokenize
 from pefttune.data.records import (
     DataFormatError,
@@ -429,7 +430,7 @@ class _RecordDataset(Dataset):
         self.loader.image_cache = cache
 
 
-class PairDataset(_RecordDataset):
+class PairDataset(SharedEpoch, _RecordDataset):
     """Training pairs from records.
 
     Items are dicts: ``image`` (the transformed tensor, or the PIL image when the transform is None; for
@@ -466,8 +467,7 @@ class PairDataset(_RecordDataset):
         self.seed = seed
         full = self.index.num_captions if captions_per_image == "all" else len(self.index.records)
         self._length = full if max_items is None else max(0, min(full, max_items))
-        # Shared memory, so that persistent DataLoader workers see the epoch set in the main process.
-        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+        self._init_shared_epoch()  # the caption draw's epoch, seen by persistent workers too
         # Set by a model that caches a locked tower's image features (pefttune.data.cache.SkipsCachedImages).
         self.skip_images: SharedIdSet | None = None
         self._skipped_image: torch.Tensor | None = None
@@ -493,15 +493,6 @@ class PairDataset(_RecordDataset):
             shape = self.loader.transform(Image.new("RGB", (8, 8))).shape
             self._skipped_image = torch.full(tuple(shape), float("nan"))
         return {"image": self._skipped_image}
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the caption draw uses."""
-        return int(self._epoch[0])
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch of the caption draw and frame offsets."""
-        self._epoch[0] = int(epoch)
 
     def __len__(self) -> int:
         return self._length

@@ -447,23 +447,42 @@ def metrics_from_ranks(
         ValueError: If ``ks`` is empty or holds a non-positive K, or a rank tensor is empty or not 1-D.
     """
     ks = _normalise_ks(ks)
-    out: dict[str, float] = {}
-    means: dict[str, float] = {}
-    for direction, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
-        if ranks.ndim != 1 or ranks.numel() == 0:
+    ranks = {"i2t": i2t_ranks, "t2i": t2i_ranks}
+    recalls: dict[str, list[float]] = {}
+    for direction, direction_ranks in ranks.items():
+        if direction_ranks.ndim != 1 or direction_ranks.numel() == 0:
             raise ValueError(
-                f"{direction} ranks must be a non-empty 1-D tensor, got shape {tuple(ranks.shape)}"
+                f"{direction} ranks must be a non-empty 1-D tensor, got shape {tuple(direction_ranks.shape)}"
             )
-        n = ranks.numel()
-        recalls = [100.0 * int((ranks <= k).sum()) / n for k in ks]
-        out.update({f"{direction}_R@{k}": r for k, r in zip(ks, recalls, strict=True)})
-        means[direction] = sum(recalls) / len(recalls)
-    out["i2t_mean_R"] = means["i2t"]
-    out["t2i_mean_R"] = means["t2i"]
-    out["rsum"] = sum(out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks)
-    for direction, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
-        out[f"{direction}_median_rank"] = _median(ranks)
-        out[f"{direction}_mean_rank"] = float(ranks.double().mean())
+        n = direction_ranks.numel()
+        recalls[direction] = [100.0 * int((direction_ranks <= k).sum()) / n for k in ks]
+    return _retrieval_summary(ks, recalls, ranks)
+
+
+def _retrieval_summary(
+    ks: tuple[int, ...], recalls: dict[str, list[float]], ranks: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """The reported retrieval metrics from each direction's R@K and ranks (one key order for every caller).
+
+    Args:
+        ks: The normalised cut-offs.
+        recalls: ``{"i2t": [...], "t2i": [...]}``, R@K in percent in the order of ``ks``.
+        ranks: ``{"i2t": ranks, "t2i": ranks}``, 1-D rank (or expected-rank) tensors.
+
+    Returns:
+        ``{direction}_R@{k}``, ``{direction}_mean_R``, ``rsum``, ``{direction}_median_rank`` and
+        ``{direction}_mean_rank`` (see :func:`metrics_from_ranks`).
+    """
+    directions = ("i2t", "t2i")
+    out: dict[str, float] = {}
+    for direction in directions:
+        out.update({f"{direction}_R@{k}": r for k, r in zip(ks, recalls[direction], strict=True)})
+    for direction in directions:
+        out[f"{direction}_mean_R"] = sum(recalls[direction]) / len(recalls[direction])
+    out["rsum"] = sum(out[f"{d}_R@{k}"] for d in directions for k in ks)
+    for direction in directions:
+        out[f"{direction}_median_rank"] = _median(ranks[direction])
+        out[f"{direction}_mean_rank"] = float(ranks[direction].double().mean())
     return out
 
 
@@ -488,21 +507,14 @@ def metrics_from_outcomes(
     """
     ks = _normalise_ks(ks)
     _check_ties(ties)
-    out: dict[str, float] = {}
-    means: dict[str, float] = {}
-    for direction, outcomes in (("i2t", i2t), ("t2i", t2i)):
+    both = {"i2t": i2t, "t2i": t2i}
+    recalls: dict[str, list[float]] = {}
+    for direction, outcomes in both.items():
         if outcomes.ahead.ndim != 1 or outcomes.ahead.numel() == 0:
             raise ValueError(f"{direction} outcomes must be non-empty 1-D, got {tuple(outcomes.ahead.shape)}")
-        recalls = [100.0 * float(outcomes.hit_rate(k, ties).mean()) for k in ks]
-        out.update({f"{direction}_R@{k}": r for k, r in zip(ks, recalls, strict=True)})
-        means[direction] = sum(recalls) / len(recalls)
-    out["i2t_mean_R"] = means["i2t"]
-    out["t2i_mean_R"] = means["t2i"]
-    out["rsum"] = sum(out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks)
-    for direction, outcomes in (("i2t", i2t), ("t2i", t2i)):
-        ranks = outcomes.ranks(ties)
-        out[f"{direction}_median_rank"] = _median(ranks)
-        out[f"{direction}_mean_rank"] = float(ranks.double().mean())
+        recalls[direction] = [100.0 * float(outcomes.hit_rate(k, ties).mean()) for k in ks]
+    ranks = {direction: outcomes.ranks(ties) for direction, outcomes in both.items()}
+    out = _retrieval_summary(ks, recalls, ranks)
     out["i2t_tied_queries"] = float(i2t.tied_queries)
     out["t2i_tied_queries"] = float(t2i.tied_queries)
     return out

@@ -7,7 +7,7 @@ evaluation set after synchronisation and computes the same numbers. All ranking 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -336,6 +336,24 @@ class RetrievalMetrics(Metric):
             )
         _check_duplicates_agree("caption ids", ids, embeds, first, inverse, self.duplicate_atol)
         return _take(embeds, first), ids[first], owners[first]
+
+    def update_from_batch(
+        self, batch: Mapping[str, Tensor], image_embeds: Tensor, text_embeds: Tensor
+    ) -> None:
+        """:meth:`update` with the ids an evaluation batch carries, embeddings cast to float32.
+
+        Args:
+            batch: An evaluation batch with ``image_ids``, ``caption_ids`` and ``caption_image_ids``.
+            image_embeds: The batch's image embeddings [B_img, D] (any float dtype, e.g. under autocast).
+            text_embeds: The batch's caption embeddings [B_txt, D].
+        """
+        self.update(
+            image_embeds.float(),
+            batch["image_ids"],
+            text_embeds.float(),
+            batch["caption_ids"],
+            batch["caption_image_ids"],
+        )
 
     def compute(self) -> dict[str, Tensor]:
         """De-duplicate the accumulated samples and compute the retrieval metrics.

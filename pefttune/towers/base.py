@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
+from torchvision.transforms import v2 as T
 
 from pefttune.data.preprocessing import ImageTransform
 
@@ -77,6 +78,43 @@ def checked_crop_scale(crop_scale: Sequence[float]) -> tuple[float, float]:
             f"got {tuple(crop_scale)!r} (the papers' Inception-style crop is (0.08, 1.0))"
         )
     return values[0], values[1]
+
+
+CropFlipAugmentation = Literal["none", "crop_flip"]
+
+
+def checked_crop_flip_augmentation(train_augmentation: str) -> CropFlipAugmentation:
+    """Validate the ``train_augmentation`` of a tower that offers only ``none`` or ``crop_flip``."""
+    if train_augmentation not in ("none", "crop_flip"):
+        raise ValueError(f"train_augmentation must be 'none' or 'crop_flip', got {train_augmentation!r}")
+    return train_augmentation  # type: ignore[return-value]  # narrowed by the check above
+
+
+def random_crop_flip_transform(
+    size: int,
+    crop_scale: tuple[float, float],
+    interpolation: T.InterpolationMode,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> ImageTransform:
+    """The ``crop_flip`` training transform: random resized crop, horizontal flip, scale to [0, 1], normalise.
+
+    Args:
+        size: side of the square crop the tower reads.
+        crop_scale: area range ``(min, max)`` of the random resized crop (see :func:`checked_crop_scale`).
+        interpolation: the resampling of the tower's own evaluation transform.
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation standard deviation.
+    """
+    return T.Compose(
+        [
+            T.ToImage(),
+            T.RandomResizedCrop(size, scale=crop_scale, interpolation=interpolation),
+            T.RandomHorizontalFlip(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 def weights_enabled(pretrained: bool) -> bool:

