@@ -103,8 +103,18 @@ def _top_level_help() -> str:
     return "\n".join(lines)
 
 
+def console_main() -> None:
+    """The ``pefttune`` console script: :func:`main` on ``sys.argv``, exit status 0 unless it raised.
+
+    :func:`main` returns what a subcommand produced (the CLI object, the ``inspect`` report, the sweep's
+    runs) for callers in Python; a console script's return value becomes the exit status, and any object
+    other than None or an int would be printed and turned into status 1.
+    """
+    main()
+
+
 def main(args: Sequence[str] | None = None) -> Any:
-    """Entry point of the ``pefttune`` console script (also callable from Python and tests)."""
+    """Run a ``pefttune`` subcommand and return its result (callable from Python and tests)."""
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help"):
         print(_top_level_help())

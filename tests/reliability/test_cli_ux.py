@@ -270,3 +270,27 @@ def test_predict_says_where_the_embeddings_went(tmp_path, monkeypatch, capsys):
     config = write_config(tmp_path / "c.yaml", cli_config(tmp_path / "run", "duet", epochs=1))
     cli_main(["predict", "--config", config])
     assert f"pefttune: embeddings  {tmp_path / 'run'}" in capsys.readouterr().out
+
+
+def test_console_script_exits_zero_after_a_subcommand_that_returns_a_result(monkeypatch, capsys):
+    """The installed ``pefttune`` script must not hand main()'s result (a CLI object, a report) to sys.exit,
+    which would print it and exit with status 1 after a successful run."""
+    import subprocess
+    import sys as _sys
+
+    from pefttune import _entry
+
+    monkeypatch.setattr(_sys, "argv", ["pefttune", "inspect", "--config", "lora", "--no_weights", "--json"])
+    assert _entry.main(["inspect", "--config", "lora", "--no_weights", "--json"]) is not None
+    assert _entry.console_main() is None
+    capsys.readouterr()
+    # The script entry point as pip installs it (pyproject's [project.scripts]).
+    code = "import sys; from pefttune._entry import console_main; sys.exit(console_main())"
+    done = subprocess.run(
+        [_sys.executable, "-c", code, "inspect", "--config", "lora", "--no_weights"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "PefttuneCLI object" not in done.stdout
