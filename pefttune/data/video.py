@@ -23,6 +23,7 @@ with ``validate_images=True`` and ``on_error="skip"`` drops and counts such vide
 
 from __future__ import annotations
 
+import abc
 import io
 import os
 import re
@@ -138,16 +139,18 @@ def _decode(open_container: Callable[[], Any], name: str, last: int | None) -> l
     return frames
 
 
-class _DecodedVideo:
+class _DecodedVideo(abc.ABC):
     """Shared logic of the encoded videos: count frames by decoding once, read by decoding up to an index."""
 
     _count: list[int]
 
-    def describe(self) -> str:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """Name the video in messages (its file, or where its bytes came from)."""
 
-    def _open(self) -> Any:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _open(self) -> Any:
+        """Open the container for PyAV."""
 
     def num_frames(self) -> int:
         """Number of decodable frames (decoded once, then remembered; container metadata is unreliable)."""
