@@ -72,6 +72,16 @@ def _batch_size(batch: Any) -> int:
     return 0
 
 
+def _checkpoint_paths(trainer: Trainer) -> dict[str, str | None]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callback = trainer.checkpoint_callback
+    if not isinstance(callback, ModelCheckpoint):
+        return {"best_checkpoint": None, "last_checkpoint": None}
+    paths = {"best_checkpoint": callback.best_model_path, "last_checkpoint": callback.last_model_path}
+    return {key: str(Path(path).resolve()) if path else None for key, path in paths.items()}
+
+
 class BenchmarkRecorder(Callback):
     """Write throughput, peak memory, parameter counts, metrics and curves of a run to ``path``.
 
@@ -262,6 +272,9 @@ class BenchmarkRecorder(Callback):
                 else None,
             },
             "fit_seconds": self.fit_seconds,
+            # The test used the best (else the final weights, the last checkpoint); a later test of this
+            # training (pefttune sweep's trained_in) loads the same.
+            **_checkpoint_paths(trainer),
             "query_ranks": self.ranks_file,
             "world_size": trainer.world_size,
             "torch_threads": torch.get_num_threads(),

@@ -20,6 +20,10 @@ A suite is a YAML file::
         config: configs/full.yaml
         overrides:
           data.init_args.batch_size: 32
+      ucm_one_caption:
+        trained_in: ucm                  # test the models trained in ucm's runs, with these overrides
+        overrides:
+          data.init_args.eval_captions: one
     forgetting: configs/forgetting/x.yaml  # optional: a second data set evaluated before and after
 
 ``methods`` names registered methods (:mod:`pefttune.strategies.registry`) or others: an entry of a
@@ -35,6 +39,12 @@ Methods:
         overrides: {model.init_args.strategy.init_args.ensemble: false}
 
 Any method may name its own ``config``.
+
+A dataset with ``trained_in: <other dataset>`` trains nothing: each of its runs tests the best checkpoint
+of the other dataset's run with the same method and seed (``pefttune test --ckpt_path``), composed with its
+own overrides. It is for evaluation protocols of one training (all captions vs one caption per video):
+the models compared are then the same models, and the suite trains half as many. Its overrides should
+change only evaluation; the training side of its results (parameters, cost, curves) is the other run's.
 
 The overrides of a run are, in order, the suite's, the dataset's, the method's and those given with
 ``pefttune sweep --set KEY=VALUE`` (later keys win).
@@ -72,6 +82,8 @@ class RunSpec:
         overrides: Resolved dotted overrides, in order.
         forgetting: A config file (``data:`` section) of a second data set to evaluate before and after
             adaptation (:mod:`pefttune.benchmark.forgetting`), or None.
+        trained_in: The dataset whose run (same method and seed) trains the model this run only tests,
+            or None when the run trains its own.
     """
 
     dataset: str
@@ -80,11 +92,18 @@ class RunSpec:
     configs: tuple[str, ...]
     overrides: tuple[tuple[str, Any], ...]
     forgetting: str | None = None
+    trained_in: str | None = None
 
     @property
     def run_id(self) -> str:
         """``dataset/method/seed<seed>``: unique within a suite, used for folder and file names."""
         return f"{self.dataset}/{self.method}/seed{self.seed}"
+
+    @property
+    def training_run_id(self) -> str:
+        """The id of the run that trains this run's model (its own id unless ``trained_in`` is set)."""
+        dataset = self.trained_in or self.dataset
+        return f"{dataset}/{self.method}/seed{self.seed}"
 
     @property
     def slug(self) -> str:
@@ -194,7 +213,7 @@ class Suite:
 
     Attributes:
         name: The suite's name.
-        datasets: Dataset name -> ``{"configs": [...], "overrides": {...}}``.
+        datasets: Dataset name -> ``{"configs": [...], "overrides": {...}}`` (and ``"trained_in"``).
         methods: Method name -> ``{"config": path, "overrides": {...}}``.
         seeds: The seeds every (dataset, method) pair runs with.
         overrides: Overrides of every run.
@@ -235,9 +254,26 @@ class Suite:
         datasets = _mapping(raw.get("datasets"), f"{where}: datasets") or {"default": {}}
         for name, spec in datasets.items():
             spec = _mapping(spec, f"{where}: datasets.{name}")
+            unknown = set(spec) - {"configs", "overrides", "trained_in"}
+            if unknown:
+                raise SuiteError(f"{where}: datasets.{name} has unknown keys {sorted(unknown)}")
             spec["configs"] = list(spec.get("configs") or [])
             spec["overrides"] = _mapping(spec.get("overrides"), f"{where}: datasets.{name}.overrides")
             datasets[name] = spec
+        for name, spec in datasets.items():
+            source = spec.get("trained_in")
+            if source is None:
+                continue
+            if source not in datasets or source == name:
+                raise SuiteError(
+                    f"{where}: datasets.{name}.trained_in must name another dataset of the suite "
+                    f"({sorted(set(datasets) - {name})}), got {source!r}"
+                )
+            if datasets[source].get("trained_in") is not None:
+                raise SuiteError(
+                    f"{where}: datasets.{name}.trained_in names {source!r}, which trains nothing itself "
+                    f"(trained_in {datasets[source]['trained_in']!r}); name the dataset that trains"
+                )
         seeds = raw.get("seeds", [0])
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
             raise SuiteError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
@@ -294,5 +330,15 @@ class Suite:
                     forgetting = (
                         None if self.forgetting is None else str(_substitute(self.forgetting, context, where))
                     )
-                    runs.append(RunSpec(dataset, method, int(seed), configs, resolved, forgetting))
+                    runs.append(
+                        RunSpec(
+                            dataset,
+                            method,
+                            int(seed),
+                            configs,
+                            resolved,
+                            forgetting,
+                            trained_in=dspec.get("trained_in"),
+                        )
+                    )
         return runs

@@ -8,6 +8,10 @@ machine are written to ``<output>/results/<dataset>__<method>__seed<seed>.json``
 exists is skipped, so an interrupted sweep resumes where it stopped; a failed run leaves no result file (it
 is retried next time) and its log is kept under ``<output>/runs/<run id>/log.txt``.
 
+A run of a dataset with ``trained_in`` (:mod:`pefttune.benchmark.suite`) is ``pefttune test`` of the best
+checkpoint of the run that trains its model, right after that training, in the same claim; the training's
+checkpoints are deleted once every run that tests them has its result.
+
 After the runs, :func:`pefttune.benchmark.aggregate.write_reports` writes ``results.csv``, ``results.md``
 and the plots to ``<output>``.
 """
@@ -15,14 +19,17 @@ and the plots to ``<output>``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -107,10 +114,19 @@ def run_dir(output: Path, run: RunSpec) -> Path:
     return output / "runs" / run.run_id
 
 
-def fit_command(run: RunSpec, directory: Path, python: str = sys.executable) -> list[str]:
+def fit_command(
+    run: RunSpec, directory: Path, python: str = sys.executable, test_checkpoint: str | None = None
+) -> list[str]:
     """The command line of one run: ``pefttune fit`` with the recorder as an extra callback.
 
     The run's overrides are read from ``<directory>/overrides.yaml`` (see :func:`write_overrides`).
+
+    Args:
+        run: The run.
+        directory: Its folder (:func:`run_dir`).
+        python: The interpreter.
+        test_checkpoint: Make it ``pefttune test --ckpt_path test_checkpoint`` instead (a run that tests
+            the model of another run, ``trained_in``).
     """
     recorder: dict[str, Any] = {
         "class_path": "pefttune.benchmark.recorder.BenchmarkRecorder",
@@ -118,12 +134,14 @@ def fit_command(run: RunSpec, directory: Path, python: str = sys.executable) -> 
     }
     if run.forgetting is not None:
         recorder["init_args"]["forgetting_data"] = str(Path(run.forgetting).resolve())
+    subcommand = ["fit"] if test_checkpoint is None else ["test", f"--ckpt_path={test_checkpoint}"]
     return [
         python,
         "-m",
         "pefttune.cli",
-        "fit",
+        subcommand[0],
         *run.cli_args(str(directory / OVERRIDES_FILE)),
+        *subcommand[1:],
         f"--trainer.default_root_dir={directory}",
         f"--trainer.callbacks+={json.dumps(recorder)}",
     ]
@@ -153,6 +171,7 @@ def execute_run(
     keep_checkpoints: bool = False,
     suite_name: str | None = None,
     echo: bool = False,
+    trained_by: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run one configuration in a fresh process and write its result file.
 
@@ -164,20 +183,33 @@ def execute_run(
             written: a sweep of many full fine-tunings would otherwise fill the disk).
         suite_name: Recorded in the result.
         echo: Stream the run's output to this process's stdout as well as the log file.
+        trained_by: For a run with ``trained_in``: the result of the run that trained its model. The run
+            then tests that run's best checkpoint, and its result takes the training side (parameters,
+            training cost and curves, validation metrics) from it.
 
     Returns:
         The result dict (``status`` is ``"ok"``), also written to :func:`result_path`.
 
     Raises:
-        RuntimeError: If the process fails; its log file is named.
+        RuntimeError: If the process fails, or the checkpoint to test is gone; the log file is named.
     """
+    checkpoint = None
+    if trained_by is not None:
+        # What the training's own test used: its best checkpoint, or its final weights when none was best.
+        checkpoint = trained_by.get("best_checkpoint") or trained_by.get("last_checkpoint")
+        if not checkpoint or not Path(checkpoint).is_file():
+            raise RuntimeError(
+                f"run {run.run_id} tests the model trained by {trained_by['run_id']}, whose checkpoint "
+                f"{checkpoint or '(none recorded)'} is gone; delete "
+                f"{result_path(output, _training_run(run))} to train it again"
+            )
     directory = run_dir(output, run)
     if directory.exists():
         # Leftovers of an interrupted attempt: stale checkpoints and logger versions must not leak in.
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     write_overrides(run, directory)
-    command = fit_command(run, directory, python)
+    command = fit_command(run, directory, python, test_checkpoint=checkpoint)
     log_file = directory / "log.txt"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
@@ -188,11 +220,18 @@ def execute_run(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
         )
         assert process.stdout is not None
-        for line in process.stdout:
-            log.write(line)
-            if echo:
-                sys.stdout.write(line)
-        code = process.wait()
+        try:
+            for line in process.stdout:
+                log.write(line)
+                if echo:
+                    sys.stdout.write(line)
+            code = process.wait()
+        except BaseException:
+            # The sweep is stopped (Ctrl-C, SIGTERM): stop its run too rather than leave it training alone.
+            # The run's own fault handling then saves what it can; its result is not written, so the next
+            # sweep runs it again.
+            _stop(process)
+            raise
     wall = time.perf_counter() - started
     recorded_path = directory / "recorder.json"
     if code != 0 or not recorded_path.exists():
@@ -213,14 +252,14 @@ def execute_run(
         "command": command,
         "wall_time_s": wall,
         **recorded,
+        **(_training_side(trained_by, recorded, wall) if trained_by is not None else {}),
         "config": _resolved_config(directory),
         "versions": package_versions(),
         "machine": machine_info(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if not keep_checkpoints:
-        for checkpoint in directory.rglob("*.ckpt"):
-            checkpoint.unlink()
+        delete_checkpoints(directory)
     path = result_path(output, run)
     path.parent.mkdir(parents=True, exist_ok=True)
     ranks = directory / "recorder.ranks.npz"
@@ -231,6 +270,69 @@ def execute_run(
     # Written last and atomically: a result file exists only for a run that finished.
     os.replace(tmp, path)
     return result
+
+
+def _stop(process: subprocess.Popen[str], grace_s: float = 30.0) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _training_run(run: RunSpec) -> RunSpec:
+    # Only its identity is used (result file, folder): the trainer's configs are the suite's.
+    return RunSpec(run.trained_in or run.dataset, run.method, run.seed, run.configs, ())
+
+
+def _training_side(trained_by: dict[str, Any], tested: dict[str, Any], test_wall: float) -> dict[str, Any]:
+    """What a ``trained_in`` run's result takes from the run that trained its model."""
+    throughput = {
+        **{k: v for k, v in (trained_by.get("throughput") or {}).items() if k.startswith("train")},
+        **{k: v for k, v in (tested.get("throughput") or {}).items() if k.startswith("eval")},
+    }
+    validation = {k: v for k, v in (trained_by.get("metrics") or {}).items() if k.startswith("val/")}
+    return {
+        "trained_in": trained_by["run_id"],
+        # The cost of the model is its training's; this run's own process only tested it.
+        "wall_time_s": trained_by.get("wall_time_s"),
+        "test_wall_time_s": test_wall,
+        "fit_seconds": trained_by.get("fit_seconds"),
+        "parameters": trained_by.get("parameters"),
+        "memory": trained_by.get("memory"),
+        "curves": trained_by.get("curves"),
+        "throughput": throughput,
+        "metrics": {**validation, **(tested.get("metrics") or {})},
+        "best_checkpoint": trained_by.get("best_checkpoint"),
+        "last_checkpoint": trained_by.get("last_checkpoint"),
+    }
+
+
+def delete_checkpoints(directory: Path) -> None:
+    """Delete a run's checkpoints (``*.ckpt``); adapters, logs and configs stay."""
+    for checkpoint in directory.rglob("*.ckpt"):
+        checkpoint.unlink()
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _training_groups(runs: Sequence[RunSpec], every_run: dict[str, RunSpec]) -> list[list[RunSpec]]:
+    """The runs grouped by the training they use: ``[training run, runs testing its model...]``.
+
+    A run with ``trained_in`` whose training run was not selected (``--datasets``) brings it in: it needs
+    that model.
+    """
+    groups: dict[str, list[RunSpec]] = {}
+    for run in runs:
+        training = every_run[run.training_run_id]
+        group = groups.setdefault(training.run_id, [training])
+        if run is not training and run not in group:
+            group.append(run)
+    return list(groups.values())
 
 
 def run_sweep(
@@ -252,44 +354,96 @@ def run_sweep(
         process is running it), ``failed``.
     """
     runs = suite.runs(variables, methods=methods, datasets=datasets, seeds=seeds)
+    every_run = {run.run_id: run for run in suite.runs(variables, methods=methods, seeds=seeds)}
+    groups = _training_groups(runs, every_run)
+    total = sum(len(group) for group in groups)
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "busy": [], "failed": []}
-    for number, run in enumerate(runs, 1):
-        prefix = f"[{number}/{len(runs)}] {run.run_id}"
-        if result_path(output, run).exists():
-            print(f"{prefix}: result exists, skipped", flush=True)
-            outcome["skipped"].append(run.run_id)
+    number = 0
+    for group in groups:
+        training, testing = group[0], group[1:]
+        numbered = {run.run_id: f"[{number + i}/{total}] {run.run_id}" for i, run in enumerate(group, 1)}
+        number += len(group)
+        missing = [run for run in group if not result_path(output, run).exists()]
+        for run in group:
+            if run not in missing:
+                print(f"{numbered[run.run_id]}: result exists, skipped", flush=True)
+                outcome["skipped"].append(run.run_id)
+        if not missing:
             continue
-        lock = claim_run(output, run)
+        # One claim for the group: the runs that test a training's model follow it in the same process.
+        lock = claim_run(output, training)
         if lock is None:
-            print(f"{prefix}: being run by another sweep process, skipped", flush=True)
-            outcome["busy"].append(run.run_id)
+            for run in missing:
+                print(f"{numbered[run.run_id]}: being run by another sweep process, skipped", flush=True)
+                outcome["busy"].append(run.run_id)
             continue
-        if result_path(output, run).exists():
-            # Another sweep finished the run between the check above and the claim.
-            lock.release()
-            print(f"{prefix}: result exists, skipped", flush=True)
-            outcome["skipped"].append(run.run_id)
-            continue
-        print(f"{prefix}: running", flush=True)
+        stop = False
         try:
-            result = execute_run(run, output, python, keep_checkpoints, suite.name, echo)
-        except RuntimeError as err:
-            print(f"{prefix}: FAILED\n{err}", flush=True)
-            outcome["failed"].append(run.run_id)
-            if stop_on_error:
-                break
-            continue
+            for run in missing:
+                prefix = numbered[run.run_id]
+                if result_path(output, run).exists():
+                    # Another sweep finished the run between the check above and the claim.
+                    print(f"{prefix}: result exists, skipped", flush=True)
+                    outcome["skipped"].append(run.run_id)
+                    continue
+                trained_by = None
+                if run is not training:
+                    if not result_path(output, training).exists():
+                        print(f"{prefix}: FAILED\nits model's training {training.run_id} failed", flush=True)
+                        outcome["failed"].append(run.run_id)
+                        continue
+                    trained_by = _read_result(result_path(output, training))
+                testing_note = f" (tests the model of {training.run_id})" if trained_by else ""
+                print(f"{prefix}: running{testing_note}", flush=True)
+                try:
+                    result = execute_run(
+                        run,
+                        output,
+                        python,
+                        # A training keeps its checkpoints while runs that test them still need them.
+                        keep_checkpoints=keep_checkpoints or (run is training and bool(testing)),
+                        suite_name=suite.name,
+                        echo=echo,
+                        trained_by=trained_by,
+                    )
+                except RuntimeError as err:
+                    print(f"{prefix}: FAILED\n{err}", flush=True)
+                    outcome["failed"].append(run.run_id)
+                    if stop_on_error:
+                        stop = True
+                        break
+                    continue
+                rsum = (result.get("metrics") or {}).get("test/rsum")
+                print(
+                    f"{prefix}: done in {result.get('test_wall_time_s', result['wall_time_s']):.0f} s"
+                    + (f", test RSUM {rsum:.1f}" if rsum is not None else ""),
+                    flush=True,
+                )
+                outcome["done"].append(run.run_id)
+            if testing and not keep_checkpoints and all(result_path(output, r).exists() for r in group):
+                delete_checkpoints(run_dir(output, training))
         finally:
             lock.release()
-        metrics = result.get("metrics", {})
-        rsum = metrics.get("test/rsum")
-        print(
-            f"{prefix}: done in {result['wall_time_s']:.0f} s"
-            + (f", test RSUM {rsum:.1f}" if rsum is not None else ""),
-            flush=True,
-        )
-        outcome["done"].append(run.run_id)
+        if stop:
+            break
     return outcome
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (a job scheduler, ``kill``) unwinds like Ctrl-C, so the running run is stopped too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_on_sigterm(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _parse_variables(pairs: Sequence[str], option: str = "--var") -> dict[str, Any]:
@@ -362,7 +516,8 @@ def sweep_main(argv: Sequence[str]) -> dict[str, list[str]]:
     if options.dry_run:
         for run in suite.runs(variables, methods=methods, datasets=datasets, seeds=seeds):
             state = "exists" if result_path(output, run).exists() else "to run"
-            command = fit_command(run, run_dir(output, run), options.python)
+            checkpoint = f"<best checkpoint of {run.training_run_id}>" if run.trained_in else None
+            command = fit_command(run, run_dir(output, run), options.python, test_checkpoint=checkpoint)
             overrides = yaml.safe_dump(run.override_config(), sort_keys=False)
             print(f"# {run.run_id} ({state})\n" + " ".join(command))
             print(f"# with {run_dir(output, run) / OVERRIDES_FILE}:\n" + overrides)
@@ -370,18 +525,19 @@ def sweep_main(argv: Sequence[str]) -> dict[str, list[str]]:
 
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "busy": [], "failed": []}
     if not options.aggregate_only:
-        outcome = run_sweep(
-            suite,
-            output,
-            variables,
-            methods=methods,
-            datasets=datasets,
-            seeds=seeds,
-            python=options.python,
-            keep_checkpoints=options.keep_checkpoints,
-            echo=options.echo,
-            stop_on_error=options.stop_on_error,
-        )
+        with _sigterm_unwinds():
+            outcome = run_sweep(
+                suite,
+                output,
+                variables,
+                methods=methods,
+                datasets=datasets,
+                seeds=seeds,
+                python=options.python,
+                keep_checkpoints=options.keep_checkpoints,
+                echo=options.echo,
+                stop_on_error=options.stop_on_error,
+            )
         print(
             f"sweep {suite.name}: {len(outcome['done'])} ran, {len(outcome['skipped'])} skipped, "
             f"{len(outcome['busy'])} left to other sweep processes, {len(outcome['failed'])} failed",

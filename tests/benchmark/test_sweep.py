@@ -316,3 +316,105 @@ def test_suite_methods_come_from_the_registry():
     assert variants.methods["lit"]["overrides"] == {"b": 2}
     with pytest.raises(SuiteError, match=r"methods\.builtin takes no settings"):
         Suite.from_dict({"methods": {"builtin": {"config": "x.yaml"}}})
+
+
+def test_a_dataset_trained_in_another_tests_that_training_s_models(tmp_path):
+    """Two caption protocols of one training: the second dataset's runs test the first's checkpoints."""
+    suite = yaml.safe_load(_suite(tmp_path).read_text())
+    suite["seeds"] = [0]
+    # Two epochs, so that a validation picks a best checkpoint (the one both tests load).
+    suite["overrides"].update(
+        {"trainer.max_steps": -1, "trainer.max_epochs": 2, "trainer.limit_train_batches": 2}
+    )
+    suite["datasets"] = {
+        "all_captions": {},
+        "one_caption": {"trained_in": "all_captions", "overrides": {"data.init_args.eval_captions": "one"}},
+    }
+    path = tmp_path / "protocols.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    output = tmp_path / "out"
+    common = ["--config", str(path), "--output", str(output), "--methods", "full", "--no_aggregate"]
+    # Only the derived dataset asked for: it brings in the training it needs.
+    outcome = sweep_main([*common, "--datasets", "one_caption"])
+    assert outcome["done"] == ["all_captions/full/seed0", "one_caption/full/seed0"]
+    assert not outcome["failed"]
+    results = output / "results"
+    trained = json.loads((results / "all_captions__full__seed0.json").read_text())
+    tested = json.loads((results / "one_caption__full__seed0.json").read_text())
+    assert tested["trained_in"] == "all_captions/full/seed0" and "trained_in" not in trained
+    assert "best-" in trained["best_checkpoint"]
+    assert tested["command"][3] == "test" and f"--ckpt_path={trained['best_checkpoint']}" in tested["command"]
+    # The test of the derived run used one caption per image; the training side is the other run's.
+    assert (trained["protocol"], tested["protocol"]) == ("all", "one")
+    assert trained["throughput"]["eval_captions"] == 40 and tested["throughput"]["eval_captions"] == 8
+    assert tested["parameters"] == trained["parameters"] and tested["curves"] == trained["curves"]
+    assert tested["wall_time_s"] == trained["wall_time_s"] and tested["test_wall_time_s"] > 0
+    assert tested["metrics"]["val/rsum"] == trained["metrics"]["val/rsum"]
+    assert tested["metrics"]["test/rsum"] != trained["metrics"]["test/rsum"]
+    assert (results / "one_caption__full__seed0.ranks.npz").is_file()
+    # Both results exist, so the training's checkpoints are gone; a second sweep runs nothing.
+    assert not list((output / "runs").rglob("*.ckpt"))
+    again = sweep_main(common)
+    assert again["skipped"] == ["all_captions/full/seed0", "one_caption/full/seed0"] and not again["done"]
+    # A derived result deleted after its training's checkpoints were: a clear failure, not a retraining.
+    (results / "one_caption__full__seed0.json").unlink()
+    with pytest.raises(SystemExit):
+        sweep_main(common)
+    assert not (results / "one_caption__full__seed0.json").exists()
+
+
+def test_trained_in_must_name_a_dataset_that_trains():
+    from pefttune.benchmark.suite import Suite, SuiteError
+
+    methods = {"m": {"config": "c.yaml"}}
+    with pytest.raises(SuiteError, match=r"datasets.b.trained_in must name another dataset"):
+        Suite.from_dict({"methods": methods, "datasets": {"a": {}, "b": {"trained_in": "c"}}})
+    with pytest.raises(SuiteError, match=r"names 'b', which trains nothing itself"):
+        Suite.from_dict(
+            {"methods": methods, "datasets": {"a": {}, "b": {"trained_in": "a"}, "c": {"trained_in": "b"}}}
+        )
+    with pytest.raises(SuiteError, match=r"datasets.a has unknown keys \['train_in'\]"):
+        Suite.from_dict({"methods": methods, "datasets": {"a": {"train_in": "b"}}})
+    suite = Suite.from_dict(
+        {"methods": methods, "datasets": {"a": {}, "b": {"trained_in": "a"}}, "seeds": [3]}
+    )
+    derived = suite.runs(datasets=["b"])[0]
+    assert derived.trained_in == "a" and derived.training_run_id == "a/m/seed3"
+
+
+_SWEEP_OF_A_LONG_RUN = """
+import sys
+from pefttune.benchmark.sweep import sweep_main
+sweep_main(["--config", sys.argv[1], "--output", sys.argv[2], "--methods", "full", "--no_aggregate"])
+"""
+
+
+def test_stopping_a_sweep_stops_its_running_run(tmp_path):
+    """SIGTERM to the sweep (a scheduler, `kill`) must not leave its `pefttune fit` training alone."""
+    import signal
+    import subprocess
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    suite = yaml.safe_load(_suite(tmp_path).read_text())
+    suite["seeds"] = [0]
+    suite["overrides"].update({"trainer.max_steps": 100_000, "trainer.max_epochs": 10_000})
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    output = tmp_path / "out"
+    sweep = subprocess.Popen([sys.executable, "-c", _SWEEP_OF_A_LONG_RUN, str(path), str(output)])
+    try:
+        log = output / "runs" / "synthetic" / "full" / "seed0" / "log.txt"
+        deadline = time.monotonic() + 120
+        while not (log.is_file() and "checkpoints go to" in log.read_text()):
+            assert sweep.poll() is None and time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.5)
+        [run] = psutil.Process(sweep.pid).children()
+        sweep.send_signal(signal.SIGTERM)
+        assert sweep.wait(timeout=60) == 128 + signal.SIGTERM
+        run.wait(timeout=5)  # stopped by the sweep before it exited, so this returns at once
+        assert not run.is_running()
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert not (output / "results" / "synthetic__full__seed0.json").exists()

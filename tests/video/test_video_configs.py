@@ -111,3 +111,8 @@ def test_msrvtt_suite_runs_all_six_methods_on_the_video_configs():
             overrides["data.init_args.source"]["init_args"]["annotations"] == "/data/msrvtt/annotations.json"
         )
         assert overrides["data.init_args.eval_captions"] in ("all", "one")
+    # One training per method and seed, tested under both caption protocols.
+    trainings = {run.run_id for run in runs if run.trained_in is None}
+    assert len(trainings) == 18
+    assert all(run.training_run_id in trainings for run in runs)
+    assert {run.dataset for run in runs if run.trained_in} == {"msrvtt_one"}
