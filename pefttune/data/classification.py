@@ -610,6 +610,8 @@ class ClassificationDataModule(ImageTextDataModule):
                     shuffle=False,
                     collate_fn=classification_collate,
                     drop_last=False,
+                    # Not the global generator (see ImageTextDataModule's evaluation loaders).
+                    generator=torch.Generator().manual_seed(0),
                     **self._worker_options(),
                 )
             )

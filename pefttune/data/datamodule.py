@@ -562,6 +562,11 @@ class ImageTextDataModule(LightningDataModule):
             shuffle=False,
             collate_fn=EvalCollate(preprocessing.tokenize),
             drop_last=False,
+            # Its own generator: a DataLoader without one draws its workers' base seed from the global
+            # generator, so every validation would shift the random stream of the training that follows
+            # (dropout, augmentation), and a run resumed after a checkpoint, which skips the validation
+            # that followed it, would not train as the uninterrupted run did.
+            generator=torch.Generator().manual_seed(0),
             **self._worker_options(),
         )
 

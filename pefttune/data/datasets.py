@@ -317,13 +317,15 @@ class CaptionIndex:
 # Loading an item's pixels
 
 
-def _same_augmentation(transform: ImageTransform, frames: Sequence[Image.Image]) -> list[torch.Tensor]:
+def _same_augmentation(
+    transform: ImageTransform, frames: Sequence[Image.Image], seed: int
+) -> list[torch.Tensor]:
     """Apply a (random) transform to every frame of a clip with the same random draws.
 
     Transforms draw from torch's and Python's global generators (torchvision, timm); both are reseeded with
-    one seed per clip before each frame, and restored afterwards, so the clip gets one crop, one flip, ...
+    the clip's ``seed`` before each frame, and restored afterwards, so the clip gets one crop, one flip, ...
+    and the global generators are left as they were.
     """
-    seed = int(torch.randint(0, 2**62, (1,)).item())
     python_state = random.getstate()
     outputs = []
     try:
@@ -391,7 +393,11 @@ class ItemLoader:
             raise type(err)(f"{err} ({record.describe()})") from err
         frames: list[Any] = list(sampled.frames)
         if self.transform is not None:
-            frames = _same_augmentation(self.transform, sampled.frames)
+            # The clip's augmentation comes from the item's own generator, like its frame offsets, not from
+            # the global one: a clip is augmented the same whatever ran before it (a validation, a resume,
+            # another loader worker), so a resumed run is exact and workers do not change the data.
+            seed = int(rng.integers(2**62)) if rng is not None else 0
+            frames = _same_augmentation(self.transform, sampled.frames, seed)
         slots, count = sampled.num_slots, len(frames)
         mask = torch.zeros(slots, dtype=torch.bool)
         mask[:count] = True
