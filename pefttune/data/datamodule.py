@@ -126,6 +126,9 @@ class ImageTextDataModule(LightningDataModule):
         eval_captions: Evaluation caption protocol: ``"all"`` captions of each item, or ``"one"`` per item
             (MSR-VTT 1k-A: the split file's sentence, else the first caption). Results should name it.
         num_frames: ``T``, frames sampled per video (ignored for images).
+        frame_sampling: ``"segments"`` (a random frame per equal segment in training, segment centres in
+            evaluation) or ``"linspace"`` (evenly spaced frames, the same in training and evaluation, as
+            CLIP4Clip's ``slice_framepos 2``); see :mod:`pefttune.data.video`.
         on_error: ``"raise"`` or ``"skip"`` for bad records, captions and (with ``validate_images``) images.
         validate_images: Decode every image at setup so unreadable ones fail early or are dropped.
         max_train_samples: Keep only the first N training items (pairs, or items with ``"sample"``) per epoch.
@@ -174,6 +177,7 @@ class ImageTextDataModule(LightningDataModule):
         captions_per_image: Literal["all", "sample"] = "all",
         eval_captions: Literal["all", "one"] = "all",
         num_frames: int = 8,
+        frame_sampling: Literal["segments", "linspace"] = "segments",
         on_error: Literal["raise", "skip"] = "raise",
         validate_images: bool = False,
         max_train_samples: int | None = None,
@@ -229,7 +233,7 @@ class ImageTextDataModule(LightningDataModule):
         self.drop_last = drop_last
         self.captions_per_image = captions_per_image
         self.eval_captions = eval_captions
-        self.sampler = FrameSampler(num_frames)
+        self.sampler = FrameSampler(num_frames, frame_sampling)
         self.on_error = on_error
         self.validate_images = validate_images
         self.max_train_samples = max_train_samples

@@ -11,10 +11,12 @@ Three kinds of video are read:
 - :class:`FrameListVideo`: frames given as image sources (paths, encoded bytes or callables), e.g. the frames
   of a WebDataset sample or generated clips.
 
-Frame sampling (:class:`FrameSampler`, CLIP4Clip / Cross-Modal Adapter style): a clip of ``n`` frames is cut
+Frame sampling (:class:`FrameSampler`): by default (``"segments"``, TSN-style) a clip of ``n`` frames is cut
 into ``T`` equal segments; training takes one frame at a random offset inside each segment (drawn from a
 generator seeded by the data set with ``(seed, epoch, item)``, so a run is reproducible and resumable),
-evaluation takes each segment's centre frame (deterministic). A clip with fewer than ``T`` frames gives all of
+evaluation takes each segment's centre frame (deterministic). ``"linspace"`` takes the frames
+``floor(linspace(0, n - 1, T))`` in training and evaluation alike: CLIP4Clip's ``--slice_framepos 2``, which
+the Cross-Modal Adapter repository uses. A clip with fewer than ``T`` frames gives all of
 its frames once, in order, and the remaining slots are padding: a zero tensor whose ``frame_mask`` is False
 and whose ``frame_index`` is -1, so temporal pooling can ignore them. A clip with no frame, a missing folder
 or an undecodable file raises :class:`~pefttune.data.records.VideoLoadError` naming the file (a data module
@@ -275,27 +277,38 @@ class SampledFrames:
     num_slots: int
 
 
+#: Frame sampling schemes of :class:`FrameSampler`.
+FRAME_SAMPLING: tuple[str, ...] = ("segments", "linspace")
+
+
 class FrameSampler:
-    """Chooses ``T`` frames of a clip: one per equal segment (see the module docstring).
+    """Chooses ``T`` frames of a clip (see the module docstring).
 
     Args:
         num_frames: ``T``, frames per clip.
+        mode: ``"segments"``: one frame per equal segment, at a random offset in training and the centre in
+            evaluation. ``"linspace"``: ``floor(linspace(0, n - 1, T))`` always (CLIP4Clip's
+            ``slice_framepos 2``, the Cross-Modal Adapter repository's choice).
 
     Raises:
-        ValueError: If ``num_frames < 1``.
+        ValueError: If ``num_frames < 1`` or ``mode`` is unknown.
     """
 
-    def __init__(self, num_frames: int = 8) -> None:
+    def __init__(self, num_frames: int = 8, mode: str = "segments") -> None:
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if mode not in FRAME_SAMPLING:
+            raise ValueError(f"frame sampling must be one of {FRAME_SAMPLING}, got {mode!r}")
         self.num_frames = num_frames
+        self.mode = mode
 
     def indices(self, available: int, *, rng: np.random.Generator | None = None) -> list[int]:
         """Frame indices for a clip of ``available`` frames.
 
         Args:
             available: Frames in the clip (at least 1).
-            rng: Training: draws one offset per segment. None (evaluation): each segment's centre.
+            rng: ``"segments"`` in training: draws one offset per segment. None (evaluation): each
+                segment's centre. ``"linspace"`` ignores it.
 
         Returns:
             ``min(T, available)`` ascending indices; all frames when the clip is shorter than ``T``.
@@ -307,6 +320,9 @@ class FrameSampler:
             raise ValueError(f"a clip needs at least one frame, got {available}")
         if available <= self.num_frames:
             return list(range(available))
+        if self.mode == "linspace":
+            # numpy's float -> int conversion truncates, as CLIP4Clip's np.linspace(..., dtype=int) does.
+            return [int(i) for i in np.linspace(0, available - 1, self.num_frames).astype(np.int64)]
         # Segment k covers frames [edges[k], edges[k + 1]); with available > T every segment is non-empty.
         edges = np.linspace(0, available, self.num_frames + 1)
         starts = np.floor(edges[:-1]).astype(np.int64)
@@ -330,6 +346,7 @@ class FrameSampler:
 
 __all__ = [
     "FRAME_EXTENSIONS",
+    "FRAME_SAMPLING",
     "VIDEO_EXTENSIONS",
     "EncodedVideo",
     "FrameFolderVideo",

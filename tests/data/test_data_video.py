@@ -69,6 +69,17 @@ def test_frame_sampler_segments_offsets_and_short_clips():
         FrameSampler(0)
 
 
+def test_frame_sampler_linspace_is_clip4clip_s_uniform_choice_in_training_and_evaluation():
+    sampler = FrameSampler(4, "linspace")
+    # CLIP4Clip (slice_framepos 2): np.linspace(0, n - 1, num=T, dtype=int) -> 0, 3.67, 7.33, 11 truncated.
+    assert sampler.indices(12) == [0, 3, 7, 11]
+    assert sampler.indices(12, rng=np.random.default_rng(3)) == [0, 3, 7, 11]  # no random offsets
+    assert sampler.indices(5) == [0, 1, 2, 4]  # linspace(0, 4, 4) = 0, 1.33, 2.67, 4
+    assert sampler.indices(3) == [0, 1, 2]  # shorter than T: every frame, the rest padding
+    with pytest.raises(ValueError, match=r"frame sampling must be one of \('segments', 'linspace'\)"):
+        FrameSampler(4, "uniform")
+
+
 def test_frame_folder_order_and_errors(tmp_path):
     folder = write_frames(tmp_path / "v1", [0, 2, 10, 53])  # names sort as numbers
     video = FrameFolderVideo(str(folder))
