@@ -409,11 +409,15 @@ def set_hf_gradient_checkpointing(model: nn.Module, enable: bool) -> None:
     """
     from torch.utils.checkpoint import checkpoint
 
+    from pefttune.layers.hooks import CheckpointWithOutputTransforms
+
     function = functools.partial(checkpoint, use_reentrant=False)
     found = False
     for module in model.modules():
         if isinstance(getattr(module, "gradient_checkpointing", None), bool):
-            module._gradient_checkpointing_func = function
+            # Strategies' output transforms on the layer (forward hooks, which transformers leaves outside
+            # its checkpoint) are recomputed with it rather than kept.
+            module._gradient_checkpointing_func = CheckpointWithOutputTransforms(module, function)
             module.gradient_checkpointing = enable
             found = True
     if enable and not found:

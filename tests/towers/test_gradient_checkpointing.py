@@ -161,3 +161,48 @@ def test_reentrant_timm_checkpointing_is_refused(monkeypatch):
     monkeypatch.setattr(timm.layers.config, "_USE_REENTRANT_CKPT", True)
     with pytest.raises(ValueError, match="reentrant"):
         TimmImageTower("test_vit", pretrained=False, image_size=32, gradient_checkpointing=True)
+
+
+def _unit_runs_and_saved_elements(pair: str, checkpointing: bool) -> tuple[list[int], int]:
+    """DueT on a tiny pair: forward runs of every image unit, and tensor elements saved outside checkpoints."""
+    torch.manual_seed(0)
+    image, text = TINY_TOWER_PAIRS[pair]()
+    if checkpointing:
+        image.set_gradient_checkpointing(True)
+        text.set_gradient_checkpointing(True)
+    module = DualEncoderModule(image, text, DueT(width=64))
+    module.train()
+    units = [m for n, m in module.image_tower.named_modules() if n.endswith("duet_gau")]
+    runs = [0] * len(units)
+    for index, unit in enumerate(units):
+        unit.register_forward_pre_hook(lambda *_, i=index: runs.__setitem__(i, runs[i] + 1))
+    parameters = {p.data_ptr() for p in module.parameters()}
+    saved = [0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        # Non-reentrant checkpointing keeps its own hooks inside the checkpointed blocks: what arrives here
+        # is kept until the backward pass.
+        if tensor.data_ptr() not in parameters:
+            saved[0] += tensor.numel()
+        return tensor
+
+    pixels = torch.randn(4, 3, module.image_tower.image_size, module.image_tower.image_size)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        embeds = module.image_tower(pixels)
+    embeds.sum().backward()
+    return runs, saved[0]
+
+
+@pytest.mark.parametrize("pair", sorted(TINY_TOWER_PAIRS))
+def test_duet_units_are_recomputed_with_their_checkpointed_blocks(pair):
+    """Units after each block (forward hooks) are checkpointed with it, on every tower kind.
+
+    transformers checkpoints a layer's forward only, leaving module hooks outside; without
+    CheckpointWithOutputTransforms, DueT's units kept their activations on Hugging Face towers.
+    """
+    plain_runs, plain_saved = _unit_runs_and_saved_elements(pair, checkpointing=False)
+    runs, saved = _unit_runs_and_saved_elements(pair, checkpointing=True)
+    assert plain_runs and set(plain_runs) == {1}
+    assert set(runs) == {2}, f"every unit runs again in the backward pass: {runs}"
+    # Checkpointing keeps a small part of what the units and blocks save without it.
+    assert saved < 0.5 * plain_saved, (saved, plain_saved)
