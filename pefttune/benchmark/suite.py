@@ -36,7 +36,8 @@ Methods:
       builtin:                           # full, lit, duet, cma, lora, apex, ...
       apex_no_ensemble:
         config: configs/apex.yaml
-        overrides: {model.init_args.strategy.init_args.ensemble: false}
+        trained_as: apex                 # test apex's trained models (same dataset and seed)
+        overrides: {model.init_args.strategy.init_args.retrieval_ensemble: "off"}
 
 Any method may name its own ``config``.
 
@@ -45,6 +46,9 @@ of the other dataset's run with the same method and seed (``pefttune test --ckpt
 own overrides. It is for evaluation protocols of one training (all captions vs one caption per video):
 the models compared are then the same models, and the suite trains half as many. Its overrides should
 change only evaluation; the training side of its results (parameters, cost, curves) is the other run's.
+A method with ``trained_as: <other method>`` does the same across methods: its runs test the other
+method's trained models (same dataset and seed) with its own config and overrides, for variants that
+differ only in evaluation (APEX with and without its retrieval ensemble). Both may combine.
 
 The overrides of a run are, in order, the suite's, the dataset's, the method's and those given with
 ``pefttune sweep --set KEY=VALUE`` (later keys win).
@@ -83,7 +87,9 @@ class RunSpec:
         forgetting: A config file (``data:`` section) of a second data set to evaluate before and after
             adaptation (:mod:`pefttune.benchmark.forgetting`), or None.
         trained_in: The dataset whose run (same method and seed) trains the model this run only tests,
-            or None when the run trains its own.
+            or None.
+        trained_as: The method whose run (same dataset and seed) trains the model this run only tests,
+            or None. With neither, the run trains its own model.
     """
 
     dataset: str
@@ -93,6 +99,7 @@ class RunSpec:
     overrides: tuple[tuple[str, Any], ...]
     forgetting: str | None = None
     trained_in: str | None = None
+    trained_as: str | None = None
 
     @property
     def run_id(self) -> str:
@@ -101,9 +108,13 @@ class RunSpec:
 
     @property
     def training_run_id(self) -> str:
-        """The id of the run that trains this run's model (its own id unless ``trained_in`` is set)."""
-        dataset = self.trained_in or self.dataset
-        return f"{dataset}/{self.method}/seed{self.seed}"
+        """The id of the run that trains this run's model (its own, without ``trained_in``/``trained_as``)."""
+        return f"{self.trained_in or self.dataset}/{self.trained_as or self.method}/seed{self.seed}"
+
+    @property
+    def tests_another_training(self) -> bool:
+        """Whether the run only tests a model another run trains."""
+        return self.trained_in is not None or self.trained_as is not None
 
     @property
     def slug(self) -> str:
@@ -203,7 +214,24 @@ def _methods(raw: Any, where: str) -> dict[str, dict[str, Any]]:
                 )
             spec["config"] = get_method(name).config
         spec["overrides"] = _mapping(spec.get("overrides"), f"{where}: methods.{name}.overrides")
+        unknown = set(spec) - {"config", "overrides", "trained_as"}
+        if unknown:
+            raise SuiteError(f"{where}: methods.{name} has unknown keys {sorted(unknown)}")
         entries[name] = spec
+    for name, spec in entries.items():
+        source = spec.get("trained_as")
+        if source is None:
+            continue
+        if source not in entries or source == name:
+            raise SuiteError(
+                f"{where}: methods.{name}.trained_as must name another method of the suite "
+                f"({sorted(set(entries) - {name})}), got {source!r}"
+            )
+        if entries[source].get("trained_as") is not None:
+            raise SuiteError(
+                f"{where}: methods.{name}.trained_as names {source!r}, which trains nothing itself "
+                f"(trained_as {entries[source]['trained_as']!r}); name the method that trains"
+            )
     return entries
 
 
@@ -214,7 +242,7 @@ class Suite:
     Attributes:
         name: The suite's name.
         datasets: Dataset name -> ``{"configs": [...], "overrides": {...}}`` (and ``"trained_in"``).
-        methods: Method name -> ``{"config": path, "overrides": {...}}``.
+        methods: Method name -> ``{"config": path, "overrides": {...}}`` (and ``"trained_as"``).
         seeds: The seeds every (dataset, method) pair runs with.
         overrides: Overrides of every run.
         variables: Placeholder values.
@@ -339,6 +367,7 @@ class Suite:
                             resolved,
                             forgetting,
                             trained_in=dspec.get("trained_in"),
+                            trained_as=mspec.get("trained_as"),
                         )
                     )
         return runs

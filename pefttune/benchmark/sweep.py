@@ -8,9 +8,9 @@ machine are written to ``<output>/results/<dataset>__<method>__seed<seed>.json``
 exists is skipped, so an interrupted sweep resumes where it stopped; a failed run leaves no result file (it
 is retried next time) and its log is kept under ``<output>/runs/<run id>/log.txt``.
 
-A run of a dataset with ``trained_in`` (:mod:`pefttune.benchmark.suite`) is ``pefttune test`` of the best
-checkpoint of the run that trains its model, right after that training, in the same claim; the training's
-checkpoints are deleted once every run that tests them has its result.
+A run of a dataset with ``trained_in`` or of a method with ``trained_as`` (:mod:`pefttune.benchmark.suite`)
+is ``pefttune test`` of the best checkpoint of the run that trains its model, right after that training,
+in the same claim; the training's checkpoints are deleted once every run that tests them has its result.
 
 After the runs, :func:`pefttune.benchmark.aggregate.write_reports` writes ``results.csv``, ``results.md``
 and the plots to ``<output>``.
@@ -126,7 +126,7 @@ def fit_command(
         directory: Its folder (:func:`run_dir`).
         python: The interpreter.
         test_checkpoint: Make it ``pefttune test --ckpt_path test_checkpoint`` instead (a run that tests
-            the model of another run, ``trained_in``).
+            the model of another run, ``trained_in`` / ``trained_as``).
     """
     recorder: dict[str, Any] = {
         "class_path": "pefttune.benchmark.recorder.BenchmarkRecorder",
@@ -183,9 +183,9 @@ def execute_run(
             written: a sweep of many full fine-tunings would otherwise fill the disk).
         suite_name: Recorded in the result.
         echo: Stream the run's output to this process's stdout as well as the log file.
-        trained_by: For a run with ``trained_in``: the result of the run that trained its model. The run
-            then tests that run's best checkpoint, and its result takes the training side (parameters,
-            training cost and curves, validation metrics) from it.
+        trained_by: For a run with ``trained_in`` or ``trained_as``: the result of the run that trained its
+            model. The run then tests that run's best checkpoint, and its result takes the training side
+            (parameters, training cost and curves, validation metrics) from it.
 
     Returns:
         The result dict (``status`` is ``"ok"``), also written to :func:`result_path`.
@@ -284,18 +284,18 @@ def _stop(process: subprocess.Popen[str], grace_s: float = 30.0) -> None:
 
 def _training_run(run: RunSpec) -> RunSpec:
     # Only its identity is used (result file, folder): the trainer's configs are the suite's.
-    return RunSpec(run.trained_in or run.dataset, run.method, run.seed, run.configs, ())
+    return RunSpec(run.trained_in or run.dataset, run.trained_as or run.method, run.seed, run.configs, ())
 
 
 def _training_side(trained_by: dict[str, Any], tested: dict[str, Any], test_wall: float) -> dict[str, Any]:
-    """What a ``trained_in`` run's result takes from the run that trained its model."""
+    """What the result of a run that tests another run's model takes from that run."""
     throughput = {
         **{k: v for k, v in (trained_by.get("throughput") or {}).items() if k.startswith("train")},
         **{k: v for k, v in (tested.get("throughput") or {}).items() if k.startswith("eval")},
     }
     validation = {k: v for k, v in (trained_by.get("metrics") or {}).items() if k.startswith("val/")}
     return {
-        "trained_in": trained_by["run_id"],
+        "trained_by": trained_by["run_id"],
         # The cost of the model is its training's; this run's own process only tested it.
         "wall_time_s": trained_by.get("wall_time_s"),
         "test_wall_time_s": test_wall,
@@ -323,8 +323,8 @@ def _read_result(path: Path) -> dict[str, Any]:
 def _training_groups(runs: Sequence[RunSpec], every_run: dict[str, RunSpec]) -> list[list[RunSpec]]:
     """The runs grouped by the training they use: ``[training run, runs testing its model...]``.
 
-    A run with ``trained_in`` whose training run was not selected (``--datasets``) brings it in: it needs
-    that model.
+    A run that tests another run's model brings that run in when it was not selected (``--datasets``,
+    ``--methods``): it needs the model.
     """
     groups: dict[str, list[RunSpec]] = {}
     for run in runs:
@@ -354,7 +354,7 @@ def run_sweep(
         process is running it), ``failed``.
     """
     runs = suite.runs(variables, methods=methods, datasets=datasets, seeds=seeds)
-    every_run = {run.run_id: run for run in suite.runs(variables, methods=methods, seeds=seeds)}
+    every_run = {run.run_id: run for run in suite.runs(variables, seeds=seeds)}
     groups = _training_groups(runs, every_run)
     total = sum(len(group) for group in groups)
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "busy": [], "failed": []}
@@ -516,7 +516,7 @@ def sweep_main(argv: Sequence[str]) -> dict[str, list[str]]:
     if options.dry_run:
         for run in suite.runs(variables, methods=methods, datasets=datasets, seeds=seeds):
             state = "exists" if result_path(output, run).exists() else "to run"
-            checkpoint = f"<best checkpoint of {run.training_run_id}>" if run.trained_in else None
+            checkpoint = f"<best checkpoint of {run.training_run_id}>" if run.tests_another_training else None
             command = fit_command(run, run_dir(output, run), options.python, test_checkpoint=checkpoint)
             overrides = yaml.safe_dump(run.override_config(), sort_keys=False)
             print(f"# {run.run_id} ({state})\n" + " ".join(command))

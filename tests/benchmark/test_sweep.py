@@ -318,11 +318,11 @@ def test_suite_methods_come_from_the_registry():
         Suite.from_dict({"methods": {"builtin": {"config": "x.yaml"}}})
 
 
-def test_a_dataset_trained_in_another_tests_that_training_s_models(tmp_path):
-    """Two caption protocols of one training: the second dataset's runs test the first's checkpoints."""
+def test_runs_trained_in_another_dataset_or_as_another_method_test_that_training_s_models(tmp_path, capsys):
+    """Two caption protocols of one training, and a method variant that differs only in evaluation."""
     suite = yaml.safe_load(_suite(tmp_path).read_text())
     suite["seeds"] = [0]
-    # Two epochs, so that a validation picks a best checkpoint (the one both tests load).
+    # Two epochs, so that a validation picks a best checkpoint (the one every test loads).
     suite["overrides"].update(
         {"trainer.max_steps": -1, "trainer.max_epochs": 2, "trainer.limit_train_batches": 2}
     )
@@ -330,37 +330,65 @@ def test_a_dataset_trained_in_another_tests_that_training_s_models(tmp_path):
         "all_captions": {},
         "one_caption": {"trained_in": "all_captions", "overrides": {"data.init_args.eval_captions": "one"}},
     }
+    # A variant of full that differs only in evaluation (the evaluation batch size): full's models.
+    suite["methods"]["full_eval2"] = {
+        "config": suite["methods"]["full"]["config"],
+        "trained_as": "full",
+        "overrides": {"data.init_args.eval_batch_size": 2},
+    }
     path = tmp_path / "protocols.yaml"
     path.write_text(yaml.safe_dump(suite))
     output = tmp_path / "out"
-    common = ["--config", str(path), "--output", str(output), "--methods", "full", "--no_aggregate"]
-    # Only the derived dataset asked for: it brings in the training it needs.
+    common = [
+        "--config",
+        str(path),
+        "--output",
+        str(output),
+        "--methods",
+        "full,full_eval2",
+        "--no_aggregate",
+    ]
+    # Only the one-caption protocol asked for: it brings in the training it needs, and tests it twice.
     outcome = sweep_main([*common, "--datasets", "one_caption"])
-    assert outcome["done"] == ["all_captions/full/seed0", "one_caption/full/seed0"]
+    assert outcome["done"] == [
+        "all_captions/full/seed0",
+        "one_caption/full/seed0",
+        "one_caption/full_eval2/seed0",
+    ]
     assert not outcome["failed"]
     results = output / "results"
     trained = json.loads((results / "all_captions__full__seed0.json").read_text())
     tested = json.loads((results / "one_caption__full__seed0.json").read_text())
-    assert tested["trained_in"] == "all_captions/full/seed0" and "trained_in" not in trained
-    assert "best-" in trained["best_checkpoint"]
-    assert tested["command"][3] == "test" and f"--ckpt_path={trained['best_checkpoint']}" in tested["command"]
-    # The test of the derived run used one caption per image; the training side is the other run's.
-    assert (trained["protocol"], tested["protocol"]) == ("all", "one")
-    assert trained["throughput"]["eval_captions"] == 40 and tested["throughput"]["eval_captions"] == 8
-    assert tested["parameters"] == trained["parameters"] and tested["curves"] == trained["curves"]
-    assert tested["wall_time_s"] == trained["wall_time_s"] and tested["test_wall_time_s"] > 0
-    assert tested["metrics"]["val/rsum"] == trained["metrics"]["val/rsum"]
-    assert tested["metrics"]["test/rsum"] != trained["metrics"]["test/rsum"]
-    assert (results / "one_caption__full__seed0.ranks.npz").is_file()
-    # Both results exist, so the training's checkpoints are gone; a second sweep runs nothing.
+    variant = json.loads((results / "one_caption__full_eval2__seed0.json").read_text())
+    assert "trained_by" not in trained and "best-" in trained["best_checkpoint"]
+    for result in (tested, variant):
+        assert result["trained_by"] == "all_captions/full/seed0"
+        assert (
+            result["command"][3] == "test"
+            and f"--ckpt_path={trained['best_checkpoint']}" in result["command"]
+        )
+        # The test used one caption per image; the training side is the training run's.
+        assert result["protocol"] == "one" and result["throughput"]["eval_captions"] == 8
+        assert result["parameters"] == trained["parameters"] and result["curves"] == trained["curves"]
+        assert result["wall_time_s"] == trained["wall_time_s"] and result["test_wall_time_s"] > 0
+        assert result["metrics"]["val/rsum"] == trained["metrics"]["val/rsum"]
+        assert (results / f"{result['run_id'].replace('/', '__')}.ranks.npz").is_file()
+    assert trained["protocol"] == "all" and trained["throughput"]["eval_captions"] == 40
+    # The same model under the same protocol: the evaluation batch size changes nothing.
+    assert variant["metrics"]["test/rsum"] == tested["metrics"]["test/rsum"]
+    assert variant["config"]["data"]["init_args"]["eval_batch_size"] == 2
+    # Every run of the group has its result, so the training's checkpoints are gone.
     assert not list((output / "runs").rglob("*.ckpt"))
-    again = sweep_main(common)
-    assert again["skipped"] == ["all_captions/full/seed0", "one_caption/full/seed0"] and not again["done"]
-    # A derived result deleted after its training's checkpoints were: a clear failure, not a retraining.
-    (results / "one_caption__full__seed0.json").unlink()
+    # The whole suite: all_captions/full_eval2 still needs full's model, whose checkpoint is gone: a clear
+    # failure naming what to delete, not a silent retraining.
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         sweep_main(common)
-    assert not (results / "one_caption__full__seed0.json").exists()
+    printed = capsys.readouterr().out
+    assert "all_captions/full_eval2/seed0: FAILED" in printed and "whose checkpoint" in printed
+    assert f"delete {results / 'all_captions__full__seed0.json'} to train it again" in printed
+    log = (output / "runs" / "all_captions" / "full_eval2" / "seed0").exists()
+    assert not (results / "all_captions__full_eval2__seed0.json").exists() and not log
 
 
 def test_trained_in_must_name_a_dataset_that_trains():
@@ -418,3 +446,34 @@ def test_stopping_a_sweep_stops_its_running_run(tmp_path):
         if sweep.poll() is None:
             sweep.kill()
     assert not (output / "results" / "synthetic__full__seed0.json").exists()
+
+
+def test_trained_as_must_name_a_method_that_trains():
+    from pefttune.benchmark.suite import Suite, SuiteError
+
+    with pytest.raises(SuiteError, match=r"methods.v.trained_as must name another method"):
+        Suite.from_dict(
+            {"methods": {"m": {"config": "c.yaml"}, "v": {"config": "c.yaml", "trained_as": "x"}}}
+        )
+    with pytest.raises(SuiteError, match=r"names 'v', which trains nothing itself"):
+        Suite.from_dict(
+            {
+                "methods": {
+                    "m": {"config": "c.yaml"},
+                    "v": {"config": "c.yaml", "trained_as": "m"},
+                    "w": {"config": "c.yaml", "trained_as": "v"},
+                }
+            }
+        )
+    with pytest.raises(SuiteError, match=r"methods.m has unknown keys \['trained_in'\]"):
+        Suite.from_dict({"methods": {"m": {"config": "c.yaml", "trained_in": "x"}}})
+    suite = Suite.from_dict(
+        {
+            "methods": {"m": {"config": "c.yaml"}, "v": {"config": "c.yaml", "trained_as": "m"}},
+            "datasets": {"a": {}, "b": {"trained_in": "a"}},
+        }
+    )
+    runs = {run.run_id: run for run in suite.runs()}
+    assert runs["a/v/seed0"].training_run_id == "a/m/seed0"
+    assert runs["b/v/seed0"].training_run_id == "a/m/seed0"  # both: dataset a, method m
+    assert not runs["a/m/seed0"].tests_another_training and runs["b/m/seed0"].tests_another_training

@@ -102,9 +102,10 @@ def test_msrvtt_suite_runs_all_six_methods_on_the_video_configs():
     suite = Suite.from_file(os.path.join(ROOT, "benchmarks", "msrvtt.yaml"))
     runs = suite.runs(variables={"data_root": "/data/msrvtt"})
     methods = {run.method for run in runs}
-    assert methods == {"apex", "cma", "duet", "full", "lit", "lora"}
+    assert methods == {"apex", "apex_no_ensemble", "cma", "duet", "full", "lit", "lora"}
     for run in runs:
-        assert run.configs[0].replace(os.sep, "/").endswith(f"configs/video/{run.method}.yaml")
+        method = run.trained_as or run.method
+        assert run.configs[0].replace(os.sep, "/").endswith(f"configs/video/{method}.yaml")
         overrides = dict(run.overrides)
         assert overrides["data.init_args.source"]["class_path"] == "pefttune.data.sources.MSRVTT"
         assert (
@@ -112,7 +113,12 @@ def test_msrvtt_suite_runs_all_six_methods_on_the_video_configs():
         )
         assert overrides["data.init_args.eval_captions"] in ("all", "one")
     # One training per method and seed, tested under both caption protocols.
-    trainings = {run.run_id for run in runs if run.trained_in is None}
+    trainings = {run.run_id for run in runs if not run.tests_another_training}
     assert len(trainings) == 18
     assert all(run.training_run_id in trainings for run in runs)
     assert {run.dataset for run in runs if run.trained_in} == {"msrvtt_one"}
+    assert {run.training_run_id for run in runs if run.method == "apex_no_ensemble"} == {
+        f"{dataset}/apex/seed{seed}".replace("msrvtt_one", "msrvtt_all")
+        for dataset in ("msrvtt_all", "msrvtt_one")
+        for seed in (0, 1, 2)
+    }
