@@ -103,3 +103,14 @@ def test_method_costs_with_gradient_checkpointing_smoke():
     )
     assert "gradient checkpointing on" in out and "| full |" in out and "| lora |" in out
     assert "lora: " in out and "x full: " in out and "cma: not measured" in out
+
+
+@pytest.mark.slow
+def test_memory_breakdown_smoke():
+    # Tiny towers: the profiler categorises the step's tensors, full's ratio is 1, an adapter's below it.
+    out = _run("memory_breakdown.py", "--tiny", "--methods", "full,lora", "--gradient-checkpointing")
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert rows["full"].rstrip().endswith("| 1.00x |")
+    lora_ratio = float(rows["lora"].split("|")[-2].strip().rstrip("x"))
+    assert 0 < lora_ratio < 1
+    assert "optimizer state" in rows["method"] and "lora: " in out
