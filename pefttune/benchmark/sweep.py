@@ -349,6 +349,9 @@ def run_sweep(
 ) -> dict[str, list[str]]:
     """Run every run of ``suite`` that has no result file yet.
 
+    Runs are grouped by the training whose model they use (:func:`_training_groups`); a group is claimed
+    as a whole, so the runs that test a training's model follow it in the same process.
+
     Returns:
         Run ids by outcome: ``done`` (ran now), ``skipped`` (result file existed), ``busy`` (another sweep
         process is running it), ``failed``.
@@ -360,73 +363,104 @@ def run_sweep(
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "busy": [], "failed": []}
     number = 0
     for group in groups:
-        training, testing = group[0], group[1:]
-        numbered = {run.run_id: f"[{number + i}/{total}] {run.run_id}" for i, run in enumerate(group, 1)}
+        labels = {run.run_id: f"[{number + i}/{total}] {run.run_id}" for i, run in enumerate(group, 1)}
         number += len(group)
         missing = [run for run in group if not result_path(output, run).exists()]
         for run in group:
             if run not in missing:
-                print(f"{numbered[run.run_id]}: result exists, skipped", flush=True)
+                print(f"{labels[run.run_id]}: result exists, skipped", flush=True)
                 outcome["skipped"].append(run.run_id)
         if not missing:
             continue
-        # One claim for the group: the runs that test a training's model follow it in the same process.
-        lock = claim_run(output, training)
+        lock = claim_run(output, group[0])
         if lock is None:
             for run in missing:
-                print(f"{numbered[run.run_id]}: being run by another sweep process, skipped", flush=True)
+                print(f"{labels[run.run_id]}: being run by another sweep process, skipped", flush=True)
                 outcome["busy"].append(run.run_id)
             continue
-        stop = False
         try:
-            for run in missing:
-                prefix = numbered[run.run_id]
-                if result_path(output, run).exists():
-                    # Another sweep finished the run between the check above and the claim.
-                    print(f"{prefix}: result exists, skipped", flush=True)
-                    outcome["skipped"].append(run.run_id)
-                    continue
-                trained_by = None
-                if run is not training:
-                    if not result_path(output, training).exists():
-                        print(f"{prefix}: FAILED\nits model's training {training.run_id} failed", flush=True)
-                        outcome["failed"].append(run.run_id)
-                        continue
-                    trained_by = _read_result(result_path(output, training))
-                testing_note = f" (tests the model of {training.run_id})" if trained_by else ""
-                print(f"{prefix}: running{testing_note}", flush=True)
-                try:
-                    result = execute_run(
-                        run,
-                        output,
-                        python,
-                        # A training keeps its checkpoints while runs that test them still need them.
-                        keep_checkpoints=keep_checkpoints or (run is training and bool(testing)),
-                        suite_name=suite.name,
-                        echo=echo,
-                        trained_by=trained_by,
-                    )
-                except RuntimeError as err:
-                    print(f"{prefix}: FAILED\n{err}", flush=True)
-                    outcome["failed"].append(run.run_id)
-                    if stop_on_error:
-                        stop = True
-                        break
-                    continue
-                rsum = (result.get("metrics") or {}).get("test/rsum")
-                print(
-                    f"{prefix}: done in {result.get('test_wall_time_s', result['wall_time_s']):.0f} s"
-                    + (f", test RSUM {rsum:.1f}" if rsum is not None else ""),
-                    flush=True,
-                )
-                outcome["done"].append(run.run_id)
-            if testing and not keep_checkpoints and all(result_path(output, r).exists() for r in group):
-                delete_checkpoints(run_dir(output, training))
+            stopped = _run_claimed_group(
+                group,
+                missing,
+                labels,
+                outcome,
+                output,
+                python,
+                keep_checkpoints,
+                suite.name,
+                echo,
+                stop_on_error,
+            )
         finally:
             lock.release()
-        if stop:
+        if stopped:
             break
     return outcome
+
+
+def _run_claimed_group(
+    group: list[RunSpec],
+    missing: list[RunSpec],
+    labels: dict[str, str],
+    outcome: dict[str, list[str]],
+    output: Path,
+    python: str,
+    keep_checkpoints: bool,
+    suite_name: str,
+    echo: bool,
+    stop_on_error: bool,
+) -> bool:
+    """Run a claimed group's missing runs (the training first), recording each in ``outcome``.
+
+    Returns:
+        Whether the sweep should stop (a run failed and ``stop_on_error``).
+    """
+    training, testing = group[0], group[1:]
+    for run in missing:
+        label = labels[run.run_id]
+        if result_path(output, run).exists():
+            # Another sweep finished the run between the check and the claim.
+            print(f"{label}: result exists, skipped", flush=True)
+            outcome["skipped"].append(run.run_id)
+            continue
+        trained_by = None
+        if run is not training:
+            if not result_path(output, training).exists():
+                print(f"{label}: FAILED\nits model's training {training.run_id} failed", flush=True)
+                outcome["failed"].append(run.run_id)
+                continue
+            trained_by = _read_result(result_path(output, training))
+        print(
+            f"{label}: running" + (f" (tests the model of {training.run_id})" if trained_by else ""),
+            flush=True,
+        )
+        try:
+            result = execute_run(
+                run,
+                output,
+                python,
+                # A training keeps its checkpoints while runs that test them still need them.
+                keep_checkpoints=keep_checkpoints or (run is training and bool(testing)),
+                suite_name=suite_name,
+                echo=echo,
+                trained_by=trained_by,
+            )
+        except RuntimeError as err:
+            print(f"{label}: FAILED\n{err}", flush=True)
+            outcome["failed"].append(run.run_id)
+            if stop_on_error:
+                return True
+            continue
+        rsum = (result.get("metrics") or {}).get("test/rsum")
+        seconds = result.get("test_wall_time_s", result["wall_time_s"])
+        print(
+            f"{label}: done in {seconds:.0f} s" + (f", test RSUM {rsum:.1f}" if rsum is not None else ""),
+            flush=True,
+        )
+        outcome["done"].append(run.run_id)
+    if testing and not keep_checkpoints and all(result_path(output, run).exists() for run in group):
+        delete_checkpoints(run_dir(output, training))
+    return False
 
 
 @contextlib.contextmanager
