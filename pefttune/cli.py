@@ -214,6 +214,36 @@ class PefttuneCLI(LightningCLI):
             if problem is not None:
                 usage_error(subcommand, f"--ckpt_path {problem}")
 
+    def _parse_ckpt_path(self) -> None:
+        """Rebuild the model from the checkpoint's recorded settings (Lightning); name what they replaced.
+
+        (Overrides a private LightningCLI method, 2.x.) A setting given for the model, on the command line or
+        in a config, that differs from the checkpoint's is replaced without a word by Lightning; this names
+        each one, so an evaluation option (APEX's ``retrieval_ensemble``, ``tie_rule``) is not believed
+        applied when it was not.
+        """
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].get("model") if subcommand else None
+        given = dict(_leaves(model)) if model is not None else {}
+        super()._parse_ckpt_path()
+        if not given:
+            return
+        recorded = dict(_leaves(self.config[subcommand].get("model")))
+        replaced = [
+            f"{key}: {given[key]!r} -> {recorded[key]!r}"
+            for key in given
+            if key in recorded and given[key] != recorded[key]
+        ]
+        if replaced:
+            rank_zero_warn(
+                f"--ckpt_path: the model is rebuilt with the settings recorded in "
+                f"{self.config[subcommand]['ckpt_path']}, which replace these given ones: "
+                + "; ".join(f"model.{item}" for item in replaced[:10])
+                + ("; ..." if len(replaced) > 10 else "")
+                + ". To evaluate trained weights with other settings, pass the adapter file beside the "
+                "checkpoint (adapter-best.safetensors) with --adapter_path instead of --ckpt_path."
+            )
+
     def before_instantiate_classes(self) -> None:
         """Refuse options that would be silently ignored or replaced; continue a resumed run's folder."""
         subcommand = self.subcommand

@@ -61,7 +61,8 @@ def write_csv(args: argparse.Namespace, folder: Path) -> Path:
             Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(path, quality=90)
             rows += [(str(path), f"texture {i % 5} caption {j}") for j in range(2)]
     else:
-        root = Path(args.data_root)
+        # Absolute: the CSV lies in a temporary folder, and both loops resolve relative paths against it.
+        root = Path(args.data_root).resolve()
         data = json.loads((root / "captions.json").read_text(encoding="utf-8"))
         train = [image for image in data["images"] if image.get("split") == "train"][: args.images]
         for image in train:

@@ -75,10 +75,20 @@ def _batch_size(batch: Any) -> int:
 def _checkpoint_paths(trainer: Trainer) -> dict[str, str | None]:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from pefttune.callbacks import ADAPTER_BEST, ADAPTER_LAST, RunCheckpoint
+
     callback = trainer.checkpoint_callback
-    if not isinstance(callback, ModelCheckpoint):
-        return {"best_checkpoint": None, "last_checkpoint": None}
-    paths = {"best_checkpoint": callback.best_model_path, "last_checkpoint": callback.last_model_path}
+    paths: dict[str, str | None] = dict.fromkeys(
+        ("best_checkpoint", "last_checkpoint", "best_adapter", "last_adapter")
+    )
+    if isinstance(callback, ModelCheckpoint):
+        paths["best_checkpoint"] = callback.best_model_path or None
+        paths["last_checkpoint"] = callback.last_model_path or None
+    if isinstance(callback, RunCheckpoint) and callback.dirpath:
+        # The adapter-only files beside them (kept when a sweep deletes the full checkpoints).
+        for key, name in (("best_adapter", ADAPTER_BEST), ("last_adapter", ADAPTER_LAST)):
+            file = Path(callback.dirpath) / name
+            paths[key] = str(file) if file.is_file() else None
     return {key: str(Path(path).resolve()) if path else None for key, path in paths.items()}
 
 
@@ -273,7 +283,7 @@ class BenchmarkRecorder(Callback):
             },
             "fit_seconds": self.fit_seconds,
             # The test used the best (else the final weights, the last checkpoint); a later test of this
-            # training (pefttune sweep's trained_in) loads the same.
+            # training (pefttune sweep's trained_in / trained_as) loads the same weights from the adapter.
             **_checkpoint_paths(trainer),
             "query_ranks": self.ranks_file,
             "world_size": trainer.world_size,

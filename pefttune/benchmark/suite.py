@@ -41,8 +41,8 @@ Methods:
 
 Any method may name its own ``config``.
 
-A dataset with ``trained_in: <other dataset>`` trains nothing: each of its runs tests the best checkpoint
-of the other dataset's run with the same method and seed (``pefttune test --ckpt_path``), composed with its
+A dataset with ``trained_in: <other dataset>`` trains nothing: each of its runs tests the best weights of
+the other dataset's run with the same method and seed (``pefttune test --adapter_path``), composed with its
 own overrides. It is for evaluation protocols of one training (all captions vs one caption per video):
 the models compared are then the same models, and the suite trains half as many. Its overrides should
 change only evaluation; the training side of its results (parameters, cost, curves) is the other run's.

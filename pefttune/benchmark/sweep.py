@@ -9,8 +9,10 @@ exists is skipped, so an interrupted sweep resumes where it stopped; a failed ru
 is retried next time) and its log is kept under ``<output>/runs/<run id>/log.txt``.
 
 A run of a dataset with ``trained_in`` or of a method with ``trained_as`` (:mod:`pefttune.benchmark.suite`)
-is ``pefttune test`` of the best checkpoint of the run that trains its model, right after that training,
-in the same claim; the training's checkpoints are deleted once every run that tests them has its result.
+is ``pefttune test --adapter_path`` of the best adapter-only checkpoint of the run that trains its model
+(what that run tested), right after that training, in the same claim. It loads the adapter into the model
+its own config builds, so its own model settings (APEX's ``retrieval_ensemble``) hold; ``--ckpt_path``
+would rebuild the model from the checkpoint's recorded settings instead.
 
 After the runs, :func:`pefttune.benchmark.aggregate.write_reports` writes ``results.csv``, ``results.md``
 and the plots to ``<output>``.
@@ -115,7 +117,7 @@ def run_dir(output: Path, run: RunSpec) -> Path:
 
 
 def fit_command(
-    run: RunSpec, directory: Path, python: str = sys.executable, test_checkpoint: str | None = None
+    run: RunSpec, directory: Path, python: str = sys.executable, test_adapter: str | None = None
 ) -> list[str]:
     """The command line of one run: ``pefttune fit`` with the recorder as an extra callback.
 
@@ -125,8 +127,8 @@ def fit_command(
         run: The run.
         directory: Its folder (:func:`run_dir`).
         python: The interpreter.
-        test_checkpoint: Make it ``pefttune test --ckpt_path test_checkpoint`` instead (a run that tests
-            the model of another run, ``trained_in`` / ``trained_as``).
+        test_adapter: Make it ``pefttune test --adapter_path test_adapter`` instead (a run that tests the
+            model of another run, ``trained_in`` / ``trained_as``).
     """
     recorder: dict[str, Any] = {
         "class_path": "pefttune.benchmark.recorder.BenchmarkRecorder",
@@ -134,7 +136,7 @@ def fit_command(
     }
     if run.forgetting is not None:
         recorder["init_args"]["forgetting_data"] = str(Path(run.forgetting).resolve())
-    subcommand = ["fit"] if test_checkpoint is None else ["test", f"--ckpt_path={test_checkpoint}"]
+    subcommand = ["fit"] if test_adapter is None else ["test", f"--adapter_path={test_adapter}"]
     return [
         python,
         "-m",
@@ -184,23 +186,28 @@ def execute_run(
         suite_name: Recorded in the result.
         echo: Stream the run's output to this process's stdout as well as the log file.
         trained_by: For a run with ``trained_in`` or ``trained_as``: the result of the run that trained its
-            model. The run then tests that run's best checkpoint, and its result takes the training side
-            (parameters, training cost and curves, validation metrics) from it.
+            model. The run then tests that run's best adapter-only checkpoint, and its result takes the
+            training side (parameters, training cost and curves, validation metrics) from it.
 
     Returns:
         The result dict (``status`` is ``"ok"``), also written to :func:`result_path`.
 
     Raises:
-        RuntimeError: If the process fails, or the checkpoint to test is gone; the log file is named.
+        RuntimeError: If the process fails, or the adapter to test is gone; the log file is named.
     """
-    checkpoint = None
+    adapter = None
     if trained_by is not None:
-        # What the training's own test used: its best checkpoint, or its final weights when none was best.
-        checkpoint = trained_by.get("best_checkpoint") or trained_by.get("last_checkpoint")
-        if not checkpoint or not Path(checkpoint).is_file():
+        # What the training's own test used: its best weights, or its final ones when none was best.
+        adapter = trained_by.get("best_adapter") or trained_by.get("last_adapter")
+        if adapter is None and trained_by.get("best_checkpoint"):
+            # Results of earlier versions name the checkpoints only; the adapter file lies beside them.
+            from pefttune.callbacks import ADAPTER_BEST
+
+            adapter = str(Path(trained_by["best_checkpoint"]).parent / ADAPTER_BEST)
+        if not adapter or not Path(adapter).is_file():
             raise RuntimeError(
-                f"run {run.run_id} tests the model trained by {trained_by['run_id']}, whose checkpoint "
-                f"{checkpoint or '(none recorded)'} is gone; delete "
+                f"run {run.run_id} tests the model trained by {trained_by['run_id']}, whose adapter file "
+                f"{adapter or '(none recorded)'} is gone; delete "
                 f"{result_path(output, _training_run(run))} to train it again"
             )
     directory = run_dir(output, run)
@@ -209,7 +216,7 @@ def execute_run(
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     write_overrides(run, directory)
-    command = fit_command(run, directory, python, test_checkpoint=checkpoint)
+    command = fit_command(run, directory, python, test_adapter=adapter)
     log_file = directory / "log.txt"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
@@ -305,8 +312,10 @@ def _training_side(trained_by: dict[str, Any], tested: dict[str, Any], test_wall
         "curves": trained_by.get("curves"),
         "throughput": throughput,
         "metrics": {**validation, **(tested.get("metrics") or {})},
-        "best_checkpoint": trained_by.get("best_checkpoint"),
-        "last_checkpoint": trained_by.get("last_checkpoint"),
+        **{
+            key: trained_by.get(key)
+            for key in ("best_checkpoint", "last_checkpoint", "best_adapter", "last_adapter")
+        },
     }
 
 
@@ -415,7 +424,7 @@ def _run_claimed_group(
     Returns:
         Whether the sweep should stop (a run failed and ``stop_on_error``).
     """
-    training, testing = group[0], group[1:]
+    training = group[0]
     for run in missing:
         label = labels[run.run_id]
         if result_path(output, run).exists():
@@ -439,8 +448,7 @@ def _run_claimed_group(
                 run,
                 output,
                 python,
-                # A training keeps its checkpoints while runs that test them still need them.
-                keep_checkpoints=keep_checkpoints or (run is training and bool(testing)),
+                keep_checkpoints=keep_checkpoints,
                 suite_name=suite_name,
                 echo=echo,
                 trained_by=trained_by,
@@ -458,8 +466,6 @@ def _run_claimed_group(
             flush=True,
         )
         outcome["done"].append(run.run_id)
-    if testing and not keep_checkpoints and all(result_path(output, run).exists() for run in group):
-        delete_checkpoints(run_dir(output, training))
     return False
 
 
@@ -550,8 +556,8 @@ def sweep_main(argv: Sequence[str]) -> dict[str, list[str]]:
     if options.dry_run:
         for run in suite.runs(variables, methods=methods, datasets=datasets, seeds=seeds):
             state = "exists" if result_path(output, run).exists() else "to run"
-            checkpoint = f"<best checkpoint of {run.training_run_id}>" if run.tests_another_training else None
-            command = fit_command(run, run_dir(output, run), options.python, test_checkpoint=checkpoint)
+            adapter = f"<best adapter of {run.training_run_id}>" if run.tests_another_training else None
+            command = fit_command(run, run_dir(output, run), options.python, test_adapter=adapter)
             overrides = yaml.safe_dump(run.override_config(), sort_keys=False)
             print(f"# {run.run_id} ({state})\n" + " ".join(command))
             print(f"# with {run_dir(output, run) / OVERRIDES_FILE}:\n" + overrides)

@@ -330,11 +330,11 @@ def test_runs_trained_in_another_dataset_or_as_another_method_test_that_training
         "all_captions": {},
         "one_caption": {"trained_in": "all_captions", "overrides": {"data.init_args.eval_captions": "one"}},
     }
-    # A variant of full that differs only in evaluation (the evaluation batch size): full's models.
+    # A variant of full that differs only in evaluation (batch size, tie rule): full's models.
     suite["methods"]["full_eval2"] = {
         "config": suite["methods"]["full"]["config"],
         "trained_as": "full",
-        "overrides": {"data.init_args.eval_batch_size": 2},
+        "overrides": {"data.init_args.eval_batch_size": 2, "model.init_args.tie_rule": "pessimistic"},
     }
     path = tmp_path / "protocols.yaml"
     path.write_text(yaml.safe_dump(suite))
@@ -361,11 +361,12 @@ def test_runs_trained_in_another_dataset_or_as_another_method_test_that_training
     tested = json.loads((results / "one_caption__full__seed0.json").read_text())
     variant = json.loads((results / "one_caption__full_eval2__seed0.json").read_text())
     assert "trained_by" not in trained and "best-" in trained["best_checkpoint"]
+    assert trained["best_adapter"].endswith("adapter-best.safetensors")
     for result in (tested, variant):
         assert result["trained_by"] == "all_captions/full/seed0"
         assert (
             result["command"][3] == "test"
-            and f"--ckpt_path={trained['best_checkpoint']}" in result["command"]
+            and f"--adapter_path={trained['best_adapter']}" in result["command"]
         )
         # The test used one caption per image; the training side is the training run's.
         assert result["protocol"] == "one" and result["throughput"]["eval_captions"] == 8
@@ -374,21 +375,25 @@ def test_runs_trained_in_another_dataset_or_as_another_method_test_that_training
         assert result["metrics"]["val/rsum"] == trained["metrics"]["val/rsum"]
         assert (results / f"{result['run_id'].replace('/', '__')}.ranks.npz").is_file()
     assert trained["protocol"] == "all" and trained["throughput"]["eval_captions"] == 40
-    # The same model under the same protocol: the evaluation batch size changes nothing.
-    assert variant["metrics"]["test/rsum"] == tested["metrics"]["test/rsum"]
+    # The variant's own model settings hold (the adapter is loaded into the model its config builds).
+    assert variant["config"]["model"]["init_args"]["tie_rule"] == "pessimistic"
     assert variant["config"]["data"]["init_args"]["eval_batch_size"] == 2
-    # Every run of the group has its result, so the training's checkpoints are gone.
+    if tested["metrics"]["test/i2t_tied_queries"] == tested["metrics"]["test/t2i_tied_queries"] == 0:
+        assert variant["metrics"]["test/rsum"] == tested["metrics"]["test/rsum"]  # same model, no ties
+    # Full checkpoints are deleted after each training; the adapter files stay for later tests.
     assert not list((output / "runs").rglob("*.ckpt"))
-    # The whole suite: all_captions/full_eval2 still needs full's model, whose checkpoint is gone: a clear
-    # failure naming what to delete, not a silent retraining.
+    again = sweep_main(common)
+    assert again["done"] == ["all_captions/full_eval2/seed0"]
+    # An adapter deleted by hand: a clear failure naming what to delete, not a silent retraining.
+    Path(trained["best_adapter"]).unlink()
+    (results / "all_captions__full_eval2__seed0.json").unlink()
     capsys.readouterr()
     with pytest.raises(SystemExit):
         sweep_main(common)
     printed = capsys.readouterr().out
-    assert "all_captions/full_eval2/seed0: FAILED" in printed and "whose checkpoint" in printed
+    assert "all_captions/full_eval2/seed0: FAILED" in printed and "whose adapter file" in printed
     assert f"delete {results / 'all_captions__full__seed0.json'} to train it again" in printed
-    log = (output / "runs" / "all_captions" / "full_eval2" / "seed0").exists()
-    assert not (results / "all_captions__full_eval2__seed0.json").exists() and not log
+    assert not (results / "all_captions__full_eval2__seed0.json").exists()
 
 
 def test_trained_in_must_name_a_dataset_that_trains():

@@ -80,6 +80,27 @@ def test_fit_writes_adapter_checkpoints_that_test_like_the_full_checkpoint(tmp_p
     assert from_full.keys() and untrained != from_full  # the adapter carries what training changed
 
 
+def test_ckpt_path_names_the_given_model_settings_its_recorded_ones_replace(tmp_path, monkeypatch):
+    """Lightning rebuilds the model from a checkpoint's recorded settings: say which given ones it replaced."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _config(tmp_path)
+    cli_main(["fit", "--config", config, "--test_after_fit", "false"])
+    checkpoint = str(tmp_path / "ckpt" / "last.ckpt")
+    with pytest.warns(
+        UserWarning, match=r"model\.init_args\.tie_rule: 'pessimistic' -> 'expected'.*--adapter_path"
+    ):
+        cli = cli_main(
+            ["test", "--config", config, "--ckpt_path", checkpoint, "--model.init_args.tie_rule=pessimistic"]
+        )
+    assert cli.model.hparams.tie_rule == "expected"
+    # Through the adapter file the given setting holds.
+    adapter = str(tmp_path / "ckpt" / "adapter-last.safetensors")
+    cli = cli_main(
+        ["test", "--config", config, "--adapter_path", adapter, "--model.init_args.tie_rule=pessimistic"]
+    )
+    assert cli.model.hparams.tie_rule == "pessimistic"
+
+
 def test_adapter_into_another_backbone_names_the_mismatched_parameters(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = _config(tmp_path)
