@@ -218,21 +218,26 @@ def _methods(raw: Any, where: str) -> dict[str, dict[str, Any]]:
         if unknown:
             raise SuiteError(f"{where}: methods.{name} has unknown keys {sorted(unknown)}")
         entries[name] = spec
+    _check_training_references(entries, "trained_as", f"{where}: methods", "method")
+    return entries
+
+
+def _check_training_references(entries: Mapping[str, Any], key: str, where: str, kind: str) -> None:
+    """Each entry's ``key`` (``trained_in``/``trained_as``) names another entry that trains itself."""
     for name, spec in entries.items():
-        source = spec.get("trained_as")
+        source = spec.get(key)
         if source is None:
             continue
         if source not in entries or source == name:
             raise SuiteError(
-                f"{where}: methods.{name}.trained_as must name another method of the suite "
+                f"{where}.{name}.{key} must name another {kind} of the suite "
                 f"({sorted(set(entries) - {name})}), got {source!r}"
             )
-        if entries[source].get("trained_as") is not None:
+        if entries[source].get(key) is not None:
             raise SuiteError(
-                f"{where}: methods.{name}.trained_as names {source!r}, which trains nothing itself "
-                f"(trained_as {entries[source]['trained_as']!r}); name the method that trains"
+                f"{where}.{name}.{key} names {source!r}, which trains nothing itself "
+                f"({key} {entries[source][key]!r}); name the {kind} that trains"
             )
-    return entries
 
 
 @dataclass
@@ -288,20 +293,7 @@ class Suite:
             spec["configs"] = list(spec.get("configs") or [])
             spec["overrides"] = _mapping(spec.get("overrides"), f"{where}: datasets.{name}.overrides")
             datasets[name] = spec
-        for name, spec in datasets.items():
-            source = spec.get("trained_in")
-            if source is None:
-                continue
-            if source not in datasets or source == name:
-                raise SuiteError(
-                    f"{where}: datasets.{name}.trained_in must name another dataset of the suite "
-                    f"({sorted(set(datasets) - {name})}), got {source!r}"
-                )
-            if datasets[source].get("trained_in") is not None:
-                raise SuiteError(
-                    f"{where}: datasets.{name}.trained_in names {source!r}, which trains nothing itself "
-                    f"(trained_in {datasets[source]['trained_in']!r}); name the dataset that trains"
-                )
+        _check_training_references(datasets, "trained_in", f"{where}: datasets", "dataset")
         seeds = raw.get("seeds", [0])
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
             raise SuiteError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
