@@ -157,6 +157,10 @@ def write_config(path, config: dict) -> str:
     return str(path)
 
 
+class StoppedError(RuntimeError):
+    """Raised by :class:`StopAtStep`."""
+
+
 class StopAtStep(L.Callback):
     """Fails the run like a killed job once ``step`` optimizer steps are done (before that step's checkpoint)."""
 
@@ -165,4 +169,4 @@ class StopAtStep(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
-            raise RuntimeError(f"stopped at step {trainer.global_step}")
+            raise StoppedError(f"stopped at step {trainer.global_step}")

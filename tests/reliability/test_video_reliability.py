@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from reliability_helpers import build_model, trainer
+from reliability_helpers import StopAtStep, StoppedError, build_model, trainer
 
 from pefttune.callbacks import ExactResume
 from pefttune.data import ImageTextDataModule
@@ -23,19 +23,6 @@ def _videos(**sizes: int) -> ImageTextDataModule:
         batch_size=4,
         eval_batch_size=2,
     )
-
-
-class _CrashError(RuntimeError):
-    pass
-
-
-class _CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            raise _CrashError(f"stopped at step {trainer.global_step}")
 
 
 class _SeenFrames(Callback):
@@ -56,7 +43,7 @@ def _fit(name: str, directory, ckpt_path=None, crash_at=None, seen=None):
         ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=0, every_n_train_steps=1),
     ]
     if crash_at is not None:
-        callbacks.insert(0, _CrashAt(crash_at))
+        callbacks.insert(0, StopAtStep(crash_at))
     if seen is not None:
         callbacks.insert(0, seen)
     run = trainer(max_epochs=2, callbacks=callbacks)  # 8 clips / batch 4: 2 steps per epoch
@@ -77,7 +64,7 @@ _LIT_KNOWN_BUG = pytest.mark.xfail(
 def test_a_video_run_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(name, tmp_path):
     reference_seen, resumed_seen = _SeenFrames(), _SeenFrames()
     reference, _ = _fit(name, tmp_path / "reference", seen=reference_seen)
-    with pytest.raises(_CrashError):
+    with pytest.raises(StoppedError):
         _fit(name, tmp_path / "run", crash_at=3, seen=resumed_seen)
     last = tmp_path / "run" / "last.ckpt"
     resumed, run = _fit(name, tmp_path / "run", ckpt_path=str(last), seen=resumed_seen)
