@@ -9,7 +9,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -125,6 +125,19 @@ def _unique_by(ids: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, 
     return (unique, *(v[first] for v in values))
 
 
+@runtime_checkable
+class KeepsLockedImageFeatures(Protocol):
+    """A module that caches a locked image tower's features (:class:`~pefttune.module.DualEncoderModule`)."""
+
+    def locked_image_features_state(self) -> dict[str, torch.Tensor]:
+        """The cached features as tensors (empty when there are none)."""
+        ...
+
+    def load_locked_image_features_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the cache with a saved state."""
+        ...
+
+
 class ExactResume(Callback):
     """Make a resumed run exact: random generator states in checkpoints, and the training data's position.
 
@@ -147,15 +160,31 @@ class ExactResume(Callback):
     as in the uninterrupted run. Under DDP only rank 0's states are saved (Lightning writes rank 0's
     checkpoint) and every rank gets them back, so per-rank dropout differs after a resume.
 
+    Part 3, the locked image tower's feature cache (LiT). Its features are saved with every checkpoint
+    and put back, instead of being recomputed after the resume: a tower's output for one image depends
+    in its last bits on which other images share its batch, and the resumed run would compute them in
+    other batches (on video, where random frame offsets decide which frames are new, always). This makes
+    checkpoints larger by the cache: N x D x 4 bytes (e.g. 9,000 videos x 12 frames x 512 floats = 221 MB).
+    Under DDP the saved cache is rank 0's; other ranks compute their own again.
+
     Args:
         random_states: save and restore the generators (part 2).
         loader_position: give the training loader its saved position back (part 1).
+        locked_image_features: save and restore the locked image tower's feature cache (part 3); without
+            it a resumed run recomputes them and ends within float rounding of the uninterrupted one.
     """
 
-    def __init__(self, random_states: bool = True, loader_position: bool = True) -> None:
+    #: Where part 3 lives in a checkpoint.
+    CHECKPOINT_KEY = "pefttune_locked_image_features"
+
+    def __init__(
+        self, random_states: bool = True, loader_position: bool = True, locked_image_features: bool = True
+    ) -> None:
         self.random_states = random_states
         self.loader_position = loader_position
+        self.locked_image_features = locked_image_features
         self._pending: dict[str, Any] | None = None
+        self._pending_features: dict[str, torch.Tensor] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """The generators' states, as tensors and plain values (what ``weights_only`` loading reads)."""
@@ -191,10 +220,29 @@ class ExactResume(Callback):
         if getattr(self, "_stage", "fit") == "fit":
             self._pending = dict(state_dict) if state_dict else None
 
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Add the locked image tower's cached features (part 3) to the checkpoint."""
+        if self.locked_image_features and isinstance(pl_module, KeepsLockedImageFeatures):
+            state = pl_module.locked_image_features_state()
+            if state:
+                checkpoint[self.CHECKPOINT_KEY] = state
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Remember the cached features; the module forgets its cache when a fit starts, so they wait."""
+        if getattr(self, "_stage", "fit") == "fit" and self.locked_image_features:
+            self._pending_features = checkpoint.get(self.CHECKPOINT_KEY)
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Give the training loader its state and the generators their states back, before the first step."""
         if self.loader_position:
             _restore_training_loader_state(trainer)
+        features, self._pending_features = self._pending_features, None
+        if features and isinstance(pl_module, KeepsLockedImageFeatures):
+            pl_module.load_locked_image_features_state(features)
         if self._pending is None or not self.random_states:
             return
         state, self._pending = self._pending, None

@@ -431,6 +431,38 @@ class DualEncoderModule(LightningModule):
         )
         return F.normalize(self.temporal(frames, frame_mask), dim=-1)
 
+    def locked_image_features_state(self) -> dict[str, torch.Tensor]:
+        """The locked image tower's cached features, as tensors a checkpoint can hold (empty when none).
+
+        ``keys`` [N, 1] (image ids) or [N, 2] (video id, frame index) and ``features`` [N, D] on the CPU.
+        A resumed run needs these exact values: recomputing them gives other bits, because a tower's output
+        for one input depends slightly on which other inputs share its batch (:class:`~pefttune.callbacks.
+        ExactResume` saves them).
+        """
+        if not self._image_feature_cache:
+            return {}
+        keys = list(self._image_feature_cache)
+        rows = [key if isinstance(key, tuple) else (key,) for key in keys]
+        return {
+            "keys": torch.tensor(rows, dtype=torch.long),
+            "features": torch.stack([self._image_feature_cache[key] for key in keys]).cpu(),
+        }
+
+    def load_locked_image_features_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put back what :meth:`locked_image_features_state` returned (replacing the cache's contents)."""
+        self._image_feature_cache.clear()
+        if not state:
+            return
+        keys, features = state["keys"], state["features"]
+        if keys.ndim != 2 or keys.shape[1] not in (1, 2) or len(keys) != len(features):
+            raise ValueError(
+                "locked image features state: expected 'keys' [N, 1] or [N, 2] and 'features' [N, D] with "
+                f"the same N, got keys {tuple(keys.shape)} and features {tuple(features.shape)}"
+            )
+        device = self.logit_scale.device
+        for row, key in zip(features.to(device), keys.tolist(), strict=True):
+            self._image_feature_cache[key[0] if len(key) == 1 else (key[0], key[1])] = row
+
     def _can_cache_image_features(self) -> bool:
         return (
             self.cache_locked_image_features
@@ -465,6 +497,8 @@ class DualEncoderModule(LightningModule):
         dataset = getattr(self.trainer.train_dataloader, "dataset", None)
         if self._can_cache_image_features() and isinstance(dataset, SkipsCachedImages):
             ids = SharedIdSet(dataset.num_images)
+            # Features a resumed run got back from its checkpoint (ExactResume) need no images either.
+            ids.add([key for key in self._image_feature_cache if not isinstance(key, tuple)])
             dataset.skip_images = ids
             self._skipped_image_ids.append(ids)
 

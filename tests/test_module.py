@@ -158,6 +158,31 @@ def test_cached_image_features_never_outlive_their_images_or_weights():
         assert not any(torch.allclose(feature, old) for old in stale)
 
 
+def test_locked_image_features_state_round_trips_image_and_frame_keys():
+    torch.manual_seed(0)
+    model = DualEncoderModule(tiny_vit(embed_dim=None), tiny_bert(embed_dim=64), LiT())
+    assert model.locked_image_features_state() == {}
+    for keys in ([3, 7], [(3, 0), (3, 5), (8, 2)]):  # image ids; (video id, frame index)
+        model._image_feature_cache.clear()
+        for key in keys:
+            model._image_feature_cache[key] = torch.randn(16)
+        state = model.locked_image_features_state()
+        other = DualEncoderModule(tiny_vit(embed_dim=None), tiny_bert(embed_dim=64), LiT())
+        other._image_feature_cache[99] = torch.zeros(16)  # replaced, not merged
+        other.load_locked_image_features_state(state)
+        assert list(other._image_feature_cache) == keys
+        for key in keys:
+            assert torch.equal(other._image_feature_cache[key], model._image_feature_cache[key])
+
+
+def test_a_malformed_locked_image_features_state_is_named():
+    model = DualEncoderModule(tiny_vit(embed_dim=None), tiny_bert(embed_dim=64), LiT())
+    with pytest.raises(ValueError, match=r"keys \(3, 3\) and features \(3, 16\)"):
+        model.load_locked_image_features_state(
+            {"keys": torch.zeros(3, 3, dtype=torch.long), "features": torch.zeros(3, 16)}
+        )
+
+
 class _NaNAfterFirstLoss(InfoNCELoss):
     """NaN on the second call only (``only_once``) or on every call after the first."""
 
