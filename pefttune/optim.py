@@ -58,7 +58,7 @@ class Constant:
         return LambdaLR(optimizer, lambda step: 1.0)
 
 
-def fused_variant(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+def fused_variant(optimizer: torch.optim.Optimizer, quiet: bool = False) -> torch.optim.Optimizer:
     """The same optimizer (class, parameter groups, hyper-parameters) with ``fused=True``.
 
     A fused optimizer updates all parameters of a device and dtype in one kernel, instead of a loop of
@@ -68,6 +68,8 @@ def fused_variant(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
     Args:
         optimizer: A freshly built optimizer.
+        quiet: log a refusal (parameters on a device without fused kernels) at debug level instead of as
+            a warning: for the default, where fusing is an opportunity rather than a request.
 
     Returns:
         A new optimizer of the same class with ``fused=True``, or ``optimizer`` itself.
@@ -85,5 +87,6 @@ def fused_variant(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     try:
         return cls(groups, **defaults)
     except (RuntimeError, ValueError) as error:  # e.g. differentiable=True, or unsupported parameters
-        log.warning("keeping the unfused %s: fused=True was refused (%s)", cls.__name__, error)
+        report = log.debug if quiet else log.warning
+        report("keeping the unfused %s: fused=True was refused (%s)", cls.__name__, error)
         return optimizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import subprocess
 import sys
@@ -70,13 +71,25 @@ def test_fused_variant_keeps_groups_and_matches_the_unfused_step():
     assert fused_variant(rprop) is rprop and fused_variant(fused) is fused
 
 
-@pytest.mark.parametrize("fused", [None, True])
-def test_module_builds_a_fused_optimizer_on_request_or_on_gpu(fused):
+@pytest.mark.parametrize("fused", [None, True, False])
+def test_module_builds_a_fused_optimizer_unless_told_not_to(fused):
     model = DualEncoderModule(tiny_vit(), tiny_bert(), FullFineTune(), fused_optimizer=fused)
     trainer = _trainer()
     trainer.fit(model, datamodule=_data())
-    # None means "on when the parameters are on a GPU": here they are on the CPU.
-    assert bool(trainer.optimizers[0].defaults.get("fused")) is (fused is True)
+    # None means "where torch has the kernels": it has them for CPUs (torch >= 2.4).
+    assert bool(trainer.optimizers[0].defaults.get("fused")) is (fused is not False)
+
+
+def test_default_fusing_falls_back_quietly_where_the_kernels_are_missing(caplog):
+    # torch refuses fused=True for a differentiable optimizer: it stays unfused.
+    built = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=0.1, differentiable=True)
+    with caplog.at_level(logging.DEBUG, logger="pefttune.optim"):
+        assert fused_variant(built, quiet=True) is built
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="pefttune.optim"):
+        assert fused_variant(built) is built
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
 
 
 def test_channels_last_gives_the_same_embeddings_and_gradients():

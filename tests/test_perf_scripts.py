@@ -114,3 +114,12 @@ def test_memory_breakdown_smoke():
     lora_ratio = float(rows["lora"].split("|")[-2].strip().rstrip("x"))
     assert 0 < lora_ratio < 1
     assert "optimizer state" in rows["method"] and "lora: " in out
+
+
+def test_fused_optimizer_smoke():
+    out = _run("fused_optimizer.py", "--tiny", "--methods", "full,lit", "--steps", "1", "--threads", "1")
+    rows = [line for line in out.splitlines() if line.startswith(("| full ", "| lit "))]
+    assert len(rows) == 2, out
+    for row in rows:
+        difference = float(row.rstrip(" |").rsplit("|", 1)[1])
+        assert difference < 1e-5, row  # fused and unfused updates agree

@@ -84,8 +84,7 @@ def training_batches(
 
 def make_optimizer(model):
     """The model's optimizer over its strategy's parameter groups (as ``configure_optimizers`` builds it)."""
-    groups = model.strategy.parameter_groups(model)
-    return model.optimizer_factory([{k: v for k, v in g.items() if k != "param_names"} for g in groups])
+    return model.build_optimizer()
 
 
 def peak_rss_mb() -> float:
