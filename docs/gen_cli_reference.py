@@ -53,9 +53,9 @@ Every default is a section of the config, shown by `--print_config` and saved in
 * `trainer.plugins: pefttune.checkpointing.AtomicCheckpointIO`: every checkpoint is written to a
   temporary file in its folder, flushed and renamed, so a crash or a full disk leaves the previous file
   whole (`no space left on device: PATH`).
-* `exact_resume`: random generator states (CPU and every CUDA device) and the data position in
-  checkpoints; `fit --ckpt_path last.ckpt` continues in the run's own folder and keeps the best score, so
-  a resumed run reports what the uninterrupted run reports.
+* `exact_resume`: random generator states (CPU and every CUDA device), the data position and the
+  locked image tower's feature cache (LiT) in checkpoints; `fit --ckpt_path last.ckpt` continues in the
+  run's own folder and keeps the best score, so a resumed run reports what the uninterrupted run reports.
 * `collapse_detector`: one warning when the loss sits at chance level (`ln(batch size)`) for `patience`
   steps.
 * `progress_log`: a plain progress line every `every_n_steps` steps and after every validation when the
