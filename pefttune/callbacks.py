@@ -165,7 +165,8 @@ class ExactResume(Callback):
     in its last bits on which other images share its batch, and the resumed run would compute them in
     other batches (on video, where random frame offsets decide which frames are new, always). This makes
     checkpoints larger by the cache: N x D x 4 bytes (e.g. 9,000 videos x 12 frames x 512 floats = 221 MB).
-    Under DDP the saved cache is rank 0's; other ranks compute their own again.
+    Under DDP the saved cache is rank 0's and every rank gets it back, as with the generator states: other
+    ranks then use rank 0's bits for images both had met, and compute the rest again.
 
     Args:
         random_states: save and restore the generators (part 2).
