@@ -11,8 +11,10 @@ per pair, open_clip's layout), with the same batch size, epochs, optimizer (Adam
   text head to the image features' width, like ``configs/lit.yaml``. ``open_clip_train`` also needs
   pandas: ``pip install 'pefttune[bench]'``.
 * **pefttune**: ``pefttune fit --config configs/<method>.yaml`` with the CSV as its data and validation
-  and the test after the fit off. (pefttune loads the real EfficientNet-Lite0 weights, open_clip builds
-  the same architecture with random weights, which costs the same.)
+  and the test after the fit off. Both build the image tower with random weights (open_clip_train cannot
+  load the packaged EfficientNet-Lite0 weights offline, so pefttune's side is told ``pretrained=false``
+  too): loading them is work only one side would do, about 20 MB of transient memory; the values of the
+  weights do not change the cost of a step. Both load the real MiniLM weights.
 
 Each run is a fresh process (wall time from start to exit, imports and model building included; peak
 resident set size of the process); the two sides alternate, ``--rounds`` times per method, and the
@@ -150,6 +152,7 @@ def pefttune_argv(args: argparse.Namespace, csv_path: Path, root: Path) -> list[
         "--data.init_args.num_workers=0",
         "--data.init_args.captions_per_image=all",
         f"--model.init_args.image_tower.init_args.image_size={args.image_size}",
+        "--model.init_args.image_tower.init_args.pretrained=false",  # as open_clip's side (see above)
         f"--trainer.max_epochs={args.epochs}",
         "--trainer.limit_val_batches=0",
         "--trainer.logger=false",
