@@ -163,9 +163,13 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_pat
 
 _INTERRUPTED_FIT = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     import lightning as L
     from pefttune.cli import main
+
+    # A shell starts background jobs (`cmd &`, nohup) with SIGINT ignored, children inherit that, and Python
+    # then installs no KeyboardInterrupt handler: Ctrl+C is what this test is about, so ask for it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     class Slow(L.Callback):
         def __init__(self, marker):
